@@ -1,0 +1,42 @@
+# The two commands of the README: `make demo` and `make test`. Both install into .venv/ first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint stack-start stack-stop stack-status bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# torch and torchvision first, from the exact pair known to work together (see README).
+	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m pipelines.demo
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+stack-start: install
+	$(PY) -m infra.local start
+
+stack-stop: install
+	$(PY) -m infra.local stop
+
+stack-status: install
+	$(PY) -m infra.local status
+
+clean:
+	-$(PY) -m infra.local stop
+	rm -rf .stack

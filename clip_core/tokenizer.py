@@ -1,0 +1,464 @@
+"""CLIP's text tokenizer: OpenAI's byte-level BPE (49,408 ids) giving the same ids as OpenCLIP's `tokenize` on
+any text, made fast for caption batches by a per-chunk cache and by exact shortcuts around ftfy.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import re
+import threading
+import unicodedata
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from itertools import chain, islice
+from pathlib import Path
+
+import ftfy
+import ftfy.badness
+import ftfy.chardata
+import ftfy.fixes
+import numpy as np
+import regex
+import torch
+from tokenizers import models as hf_models
+
+try:  # Python >= 3.11
+    from re import _compiler as sre_compile
+    from re import _constants as sre_constants
+    from re import _parser as sre_parse
+except ImportError:  # Python 3.10
+    import sre_compile
+    import sre_constants
+    import sre_parse
+
+DEFAULT_CONTEXT_LENGTH = 77
+VOCAB_PATH = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
+# OpenAI keeps the first 49,152 - 256 - 2 merges, so that with 512 byte tokens and 2 special tokens
+# the vocabulary has 49,408 ids.
+NUM_MERGES = 49152 - 256 - 2
+SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")
+
+# OpenAI's pre-tokenizer: special tokens, English contractions, letter runs, single digits, runs of other
+# symbols. The `regex` module (for \p{L} and \p{N}) and IGNORECASE, as OpenAI and OpenCLIP compile it.
+WORD_RE = regex.compile(
+    r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
+    regex.IGNORECASE,
+)
+# The same split for ASCII-only text, where \p{L} is [a-zA-Z], \p{N} is [0-9] and the `regex` module's \s is
+# [\t\n\v\f\r ]; the standard `re` engine runs it about 4x faster per call. Letters and digits are tried first:
+# no other alternative can match at a letter or a digit, so the order does not change any match.
+ASCII_WORD_RE = re.compile(
+    r"[a-zA-Z]+|[0-9]|<start_of_text>|<end_of_text>|'(?:s|t|re|ve|m|ll|d)|[^\t\n\x0b\x0c\r a-zA-Z0-9]+",
+    re.IGNORECASE | re.ASCII,
+)
+
+# Chunks and words longer than this are rarely seen twice, so they are encoded without entering a cache.
+MAX_CACHED_KEY_CHARS = 64
+DEFAULT_CACHE_ENTRIES = 1 << 18
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """OpenAI's (and GPT-2's) reversible byte -> character map: the 188 printable Latin-1 bytes keep their own
+    character, the other 68 bytes get chr(256), chr(257), ... in byte order, so no BPE symbol is a space or
+    a control character. Insertion order (printable bytes first) fixes the first 256 ids."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table = {b: chr(b) for b in printable}
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + len(table) - len(printable))
+    return table
+
+
+def load_vocab(path: str | Path = VOCAB_PATH) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """OpenAI's vocabulary (token string -> id) and BPE merges (in rank order) from the gzipped merge list."""
+    with gzip.open(path) as f:
+        lines = f.read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]  # line 0 is a version header
+    if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
+        raise ValueError(f"{path} is not OpenAI's CLIP BPE merge list ({NUM_MERGES} merges of two symbols)")
+    byte_symbols = list(bytes_to_unicode().values())
+    tokens = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges]
+    tokens += SPECIAL_TOKENS
+    # dict() keeps the last id of a repeated string, as OpenAI's encoder does
+    return dict(zip(tokens, range(len(tokens)))), merges
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cleaning. OpenAI cleans a caption with ftfy.fix_text, html.unescape twice, whitespace collapsing and lower().
+# ftfy costs 15-100 us per caption, more than all the rest of OpenCLIP's tokenizer, so `fix_text` below returns
+# ftfy's result while skipping the ftfy steps that provably leave the text unchanged. It is only trusted for
+# the ftfy versions it was checked against (tests/test_tokenizer.py fuzzes it against ftfy.fix_text);
+# any other version makes it call ftfy.fix_text itself.
+# ---------------------------------------------------------------------------------------------------------
+FTFY_CHECKED_VERSIONS = ("6.3.1",)
+FTFY_SHORTCUTS = ftfy.__version__ in FTFY_CHECKED_VERSIONS
+FTFY_MAX_SEGMENT = ftfy.TextFixerConfig().max_decode_length
+
+
+def _char_class(codepoints: Iterable[int]) -> re.Pattern:
+    """A regex matching one character out of `codepoints`."""
+    ranges: list[list[int]] = []
+    for c in sorted(set(codepoints)):
+        if ranges and c == ranges[-1][1] + 1:
+            ranges[-1][1] = c
+        else:
+            ranges.append([c, c])
+    return re.compile("[" + "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in ranges) + "]")
+
+
+# ftfy's per-character fixers, in the order ftfy applies them after fix_encoding, each with every character
+# it acts on: a fixer returns text without those characters unchanged.
+CHARACTER_FIXERS: tuple[tuple[Callable[[str], str], frozenset[str]], ...] = tuple(
+    (fixer, frozenset(map(chr, codepoints)))
+    for fixer, codepoints in (
+        (ftfy.fixes.fix_c1_controls, range(0x80, 0xA0)),
+        (ftfy.fixes.fix_latin_ligatures, ftfy.chardata.LIGATURES),
+        (ftfy.fixes.fix_character_width, ftfy.chardata.WIDTH_MAP),
+        (ftfy.fixes.uncurl_quotes, [0x2BC, *range(0x2018, 0x2020)]),
+        (ftfy.fixes.fix_line_breaks, [0x0D, 0x85, 0x2028, 0x2029]),
+        (ftfy.fixes.fix_surrogates, range(0xD800, 0xE000)),
+        (ftfy.fixes.remove_terminal_escapes, [0x1B]),
+        (ftfy.fixes.remove_control_chars, ftfy.chardata.CONTROL_CHARS),
+    )
+)
+FIXER_TRIGGER_RE = _char_class(ord(c) for _, chars in CHARACTER_FIXERS for c in chars)
+
+
+def _element_chars(op, av) -> set[int] | None:
+    """The characters one parsed regex element matches, if it is a literal or a plain character class."""
+    if op is sre_constants.LITERAL:
+        return {av}
+    if op is sre_constants.IN and all(o in (sre_constants.LITERAL, sre_constants.RANGE) for o, _ in av):
+        chars: set[int] = set()
+        for o, a in av:
+            chars.update([a] if o is sre_constants.LITERAL else range(a[0], a[1] + 1))
+        return chars
+    return None
+
+
+def _required_non_ascii(items) -> set[int] | None:
+    """A small set of non-ASCII characters such that every match of the parsed `items` contains one of them,
+    or None when the pattern's structure does not show one."""
+    candidates = []
+    for op, av in items:
+        chars = _element_chars(op, av)
+        if op is sre_constants.BRANCH:
+            per_branch = [_required_non_ascii(b) for b in av[1]]
+            chars = set().union(*per_branch) if all(per_branch) else None
+        elif op is sre_constants.SUBPATTERN:
+            chars = _required_non_ascii(av[-1])
+        elif op in (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT) and av[0] >= 1:
+            chars = _required_non_ascii(av[2])
+        if chars and min(chars) >= 0x80:
+            candidates.append(chars)
+    return min(candidates, key=len) if candidates else None
+
+
+def _opcodes(items) -> set:
+    """Every opcode (and anchor kind) used anywhere in the parsed `items`."""
+    ops = set()
+    for op, av in items:
+        ops.add(op)
+        if op is sre_constants.BRANCH:
+            for b in av[1]:
+                ops |= _opcodes(b)
+        elif op is sre_constants.SUBPATTERN:
+            ops |= _opcodes(av[-1])
+        elif op in (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT):
+            ops |= _opcodes(av[2])
+        elif op is sre_constants.AT:
+            ops.add(av)
+    return ops
+
+
+LOCAL_OPS = {
+    sre_constants.LITERAL, sre_constants.NOT_LITERAL, sre_constants.IN, sre_constants.ANY, sre_constants.BRANCH,
+    sre_constants.SUBPATTERN, sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT, sre_constants.AT,
+    sre_constants.AT_BEGINNING, sre_constants.AT_BEGINNING_STRING,
+}  # fmt: skip
+
+
+def _badness_branches() -> tuple[re.Pattern, dict[str, tuple[tuple[re.Pattern, int], ...]]] | None:
+    """Split ftfy's mojibake detector BADNESS_RE into its alternatives. Each alternative matches at most 7
+    characters, one of which comes from a small set of non-ASCII characters. Returns a regex for all those
+    characters and, for each of them, the alternatives (compiled alone) that need it with their longest match.
+    None if the installed pattern lacks that shape or has anything that looks outside its match (lookarounds,
+    end anchors, back references) or ignores case."""
+    pattern = ftfy.badness.BADNESS_RE
+    parsed = sre_parse.parse(pattern.pattern, pattern.flags)
+    if pattern.flags & re.IGNORECASE or len(parsed) != 1 or parsed[0][0] is not sre_constants.BRANCH:
+        return None
+    by_char: dict[str, list[tuple[re.Pattern, int]]] = {}
+    for branch in parsed[0][1][1]:
+        required = _required_non_ascii(branch)
+        longest = branch.getwidth()[1]
+        if not required or longest > 32 or not _opcodes(branch) <= LOCAL_OPS:
+            return None
+        compiled = sre_compile.compile(branch, pattern.flags)
+        for c in required:
+            by_char.setdefault(chr(c), []).append((compiled, longest))
+    return _char_class(map(ord, by_char)), {c: tuple(alternatives) for c, alternatives in by_char.items()}
+
+
+BADNESS_BRANCHES = _badness_branches()
+
+
+def is_mojibake(text: str) -> bool:
+    """ftfy.badness.is_bad(text), trying only the alternatives of its regex that can match around each of the
+    characters they need. is_bad tries all ~40 alternatives from every position (about 25 us a caption)."""
+    if BADNESS_BRANCHES is None:
+        return ftfy.badness.is_bad(text)
+    required_re, alternatives_by_char = BADNESS_BRANCHES
+    for n, hit in enumerate(required_re.finditer(text)):
+        if n == 24:  # text full of such characters (some Cyrillic): one full scan is cheaper
+            return ftfy.badness.is_bad(text)
+        p = hit.start()
+        for alternative, longest in alternatives_by_char[hit.group()]:
+            # a match holding position p lies within `longest` of it; '^' still only matches at 0
+            if alternative.search(text, max(0, p - longest + 1), p + longest):
+                return True
+    return False
+
+
+def _fix_segment(text: str, unescape_html: bool) -> str:
+    """ftfy's fix-until-stable loop over one segment, skipping each step that cannot change the text."""
+    while True:
+        before = text
+        if unescape_html and "&" in text:  # ftfy's entity regex starts with '&'
+            text = ftfy.fixes.unescape_html(text)
+        if not text.isascii() and is_mojibake(text):  # fix_encoding returns other text unchanged
+            text = ftfy.fix_encoding(text)
+        present = set(FIXER_TRIGGER_RE.findall(text))
+        if present:
+            for fixer, triggers in CHARACTER_FIXERS:
+                if not triggers.isdisjoint(present):
+                    text = fixer(text)
+                    present = set(FIXER_TRIGGER_RE.findall(text))
+        if not unicodedata.is_normalized("NFC", text):
+            text = unicodedata.normalize("NFC", text)
+        if text == before:
+            return text
+
+
+def fix_text(text: str) -> str:
+    """ftfy.fix_text(text) with ftfy's default settings, computed with fewer steps (same result)."""
+    if not FTFY_SHORTCUTS:
+        return ftfy.fix_text(text)
+    # Like ftfy: each line is fixed on its own (cut every FTFY_MAX_SEGMENT characters), and once a line
+    # contains '<' (looks like HTML) entities are left alone in it and in all later lines.
+    out = []
+    unescape_html = True
+    pos = 0
+    while pos < len(text):
+        end = min(text.find("\n", pos) + 1 or len(text), pos + FTFY_MAX_SEGMENT)
+        segment = text[pos:end]
+        unescape_html = unescape_html and "<" not in segment
+        out.append(_fix_segment(segment, unescape_html))
+        pos = end
+    return "".join(out)
+
+
+# Printable ASCII plus tab, line feed, form feed and carriage return, without '&'. On such text every ftfy
+# step is the identity except that CR becomes LF, and html.unescape has nothing to decode, so cleaning
+# is just whitespace collapsing and lower().
+PLAIN_ASCII_RE = re.compile(r"[\t\n\x0c\r\x20-\x25\x27-\x7e]*")
+
+
+def is_plain_ascii(text: str) -> bool:
+    """Whether cleaning `text` needs neither ftfy nor html.unescape (see PLAIN_ASCII_RE)."""
+    if not (FTFY_SHORTCUTS and text.isascii() and "&" not in text):
+        return False
+    return text.isprintable() or PLAIN_ASCII_RE.fullmatch(text) is not None
+
+
+def clean_text(text: str) -> str:
+    """OpenAI CLIP's caption cleaning ('lower' in OpenCLIP): ftfy, HTML unescape twice, collapse whitespace,
+    lower case."""
+    if not is_plain_ascii(text):
+        text = html.unescape(html.unescape(fix_text(text)))
+    return " ".join(text.split()).lower()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tokenizer.
+# ---------------------------------------------------------------------------------------------------------
+class _BoundedCache(dict):
+    """A dict that computes missing values with `compute` and empties itself when full. Losing entries only
+    costs time: a value depends on its key alone, so ids never depend on the cache's state."""
+
+    def __init__(self, compute: Callable[[str], tuple[int, ...]], max_entries: int, max_key_chars: int):
+        super().__init__()
+        self.compute = compute
+        self.max_entries = max_entries
+        self.max_key_chars = max_key_chars
+
+    def __missing__(self, key: str) -> tuple[int, ...]:
+        value = self.compute(key)
+        if len(key) <= self.max_key_chars:
+            if len(self) >= self.max_entries:
+                self.clear()
+            self[key] = value
+        return value
+
+
+class ClipTokenizer:
+    """OpenAI CLIP's BPE tokenizer, id-for-id identical to OpenCLIP's `SimpleTokenizer` (clean 'lower').
+
+    A cleaned caption is split on spaces into chunks; OpenAI's word regex never matches across whitespace, so
+    the caption's ids are the concatenation of its chunks' ids, which are cached. Unseen words go through
+    the Rust BPE of the `tokenizers` package with OpenAI's merges. Thread-safe; ids never depend on the batch,
+    the thread count or the cache.
+    """
+
+    def __init__(
+        self,
+        context_length: int = DEFAULT_CONTEXT_LENGTH,
+        num_threads: int = 1,
+        vocab_path: str | Path = VOCAB_PATH,
+        cache_entries: int = DEFAULT_CACHE_ENTRIES,
+    ):
+        if not FTFY_SHORTCUTS:
+            warnings.warn(
+                f"ftfy {ftfy.__version__} is not one of {FTFY_CHECKED_VERSIONS}: tokenizing calls ftfy.fix_text "
+                "on every caption (same ids, several times slower)",
+                stacklevel=2,
+            )
+        self.context_length = context_length
+        self.num_threads = num_threads
+        self.vocab_path = vocab_path
+        self.cache_entries = cache_entries
+
+        self.encoder, merges = load_vocab(vocab_path)
+        self.decoder = {i: token for token, i in self.encoder.items()}
+        self.vocab_size = len(self.decoder)
+        self.sot_token_id = self.encoder["<start_of_text>"]
+        self.eot_token_id = self.encoder["<end_of_text>"]
+        self.pad_token_id = 0
+        self._special_ids = {token: self.encoder[token] for token in SPECIAL_TOKENS}
+        self._bpe = hf_models.BPE(vocab=self.encoder, merges=merges, end_of_word_suffix="</w>")
+        # UTF-8 bytes -> BPE symbols in one str.translate: bytes are decoded as Latin-1 (one char per byte)
+        self._byte_symbols = bytes_to_unicode()
+        self._symbol_bytes = {s: b for b, s in self._byte_symbols.items()}
+        self._word_ids = _BoundedCache(self._encode_word, cache_entries, MAX_CACHED_KEY_CHARS)
+        self._chunk_ids = _BoundedCache(self._encode_chunk, cache_entries, MAX_CACHED_KEY_CHARS)
+
+    def __reduce__(self):
+        # rebuild from the vocabulary file instead of pickling caches and the Rust model (e.g. for Ray tasks)
+        return type(self), (self.context_length, self.num_threads, self.vocab_path, self.cache_entries)
+
+    def _encode_word(self, word: str) -> tuple[int, ...]:
+        symbols = word  # printable ASCII bytes are their own BPE symbols
+        if not (word.isascii() and word.isprintable()):
+            symbols = word.encode("utf-8").decode("latin-1").translate(self._byte_symbols)
+        return tuple(token.id for token in self._bpe.tokenize(symbols))
+
+    def _encode_chunk(self, chunk: str) -> tuple[int, ...]:
+        words = (ASCII_WORD_RE if chunk.isascii() else WORD_RE).findall(chunk)
+        # Only the exact words "<start_of_text>" and "<end_of_text>" get the special ids (OpenAI's BPE cache
+        # holds them; the regex also matches odd-cased variants, which then go through BPE like any word).
+        if "_of_text>" not in chunk:
+            if len(words) <= 8:  # adding a few tuples is faster than chaining them
+                return sum(map(self._word_ids.__getitem__, words), ())
+            return tuple(chain.from_iterable(map(self._word_ids.__getitem__, words)))
+        ids: list[int] = []
+        for word in words:
+            special_id = self._special_ids.get(word)
+            if special_id is not None:
+                ids.append(special_id)
+            else:
+                ids.extend(self._word_ids[word])
+        return tuple(ids)
+
+    def _chunks(self, text: str) -> list[str]:
+        """The cleaned caption's whitespace-separated pieces."""
+        if not isinstance(text, str):
+            raise TypeError(f"expected a str to tokenize, got {type(text).__name__}")
+        if not is_plain_ascii(text):
+            text = html.unescape(html.unescape(fix_text(text)))
+        # Lower-casing before collapsing whitespace yields the same pieces as clean_text(text).split(): no
+        # whitespace character is cased or case-ignorable, so each ends a final-sigma context like a space.
+        return text.lower().split()
+
+    def encode(self, text: str) -> list[int]:
+        """BPE ids of one text, without start/end-of-text and without truncation."""
+        return list(chain.from_iterable(map(self._chunk_ids.__getitem__, self._chunks(text))))
+
+    def decode(self, ids: Iterable[int] | torch.Tensor | np.ndarray) -> str:
+        """Text of `ids` as OpenCLIP decodes it: end of word becomes a space, special tokens stay literal."""
+        if isinstance(ids, torch.Tensor | np.ndarray):
+            ids = ids.tolist()
+        symbols = "".join(self.decoder[int(i)] for i in ids)
+        text = bytes(self._symbol_bytes[s] for s in symbols).decode("utf-8", errors="replace")
+        return text.replace("</w>", " ")
+
+    def _encode_truncated(self, texts: Sequence[str], keep: int) -> tuple[list[int], list[int]]:
+        """The first `keep` ids of each text, all in one flat list (no list per text for the GC to track),
+        and how many each text has. Chunks past the first `keep` ids are never looked up."""
+        flat: list[int] = []
+        lengths: list[int] = []
+        extend, chunk_ids = flat.extend, self._chunk_ids.__getitem__
+        for text in texts:
+            before = len(flat)
+            extend(islice(chain.from_iterable(map(chunk_ids, self._chunks(text))), keep))
+            lengths.append(len(flat) - before)
+        return flat, lengths
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+        """Token ids [len(texts), context_length] (int64): start-of-text, ids, end-of-text, zero padding.
+        Longer captions are cut so that end-of-text still fills the last position."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        context_length = self.context_length if context_length is None else context_length
+        if context_length < 1:
+            raise ValueError(f"context_length must be at least 1, got {context_length}")
+        keep = max(context_length - 2, 0)
+
+        if self.num_threads <= 1 or len(texts) < 2 * self.num_threads:
+            flat, lengths = self._encode_truncated(texts, keep)
+        else:
+            # Contiguous shards joined in order, so the output does not depend on the thread count. The work
+            # is Python code, so threads only run in parallel on a free-threaded CPython build.
+            bounds = np.linspace(0, len(texts), self.num_threads + 1).astype(int).tolist()
+            shards = [texts[a:b] for a, b in zip(bounds, bounds[1:])]
+            with ThreadPoolExecutor(self.num_threads) as pool:
+                results = list(pool.map(self._encode_truncated, shards, [keep] * len(shards)))
+            flat = list(chain.from_iterable(shard_flat for shard_flat, _ in results))
+            lengths = list(chain.from_iterable(shard_lengths for _, shard_lengths in results))
+
+        out = np.zeros((len(texts), context_length), dtype=np.int64)
+        if context_length == 1:  # OpenAI's truncation overwrites the only slot with end-of-text
+            out[:, 0] = self.eot_token_id
+            return torch.from_numpy(out)
+        # the flat ids go to positions 1..n of their row: flat index = row start + 1 + rank within the row
+        n_ids = np.array(lengths, dtype=np.int64)
+        row_starts = np.arange(len(texts), dtype=np.int64) * context_length
+        offsets = np.repeat(row_starts + 1 - (np.cumsum(n_ids) - n_ids), n_ids)
+        out.reshape(-1)[offsets + np.arange(len(flat), dtype=np.int64)] = np.array(flat, dtype=np.int64)
+        out[:, 0] = self.sot_token_id
+        out.reshape(-1)[row_starts + n_ids + 1] = self.eot_token_id
+        return torch.from_numpy(out)
+
+
+_default_tokenizer: ClipTokenizer | None = None
+_default_tokenizer_lock = threading.Lock()
+
+
+def get_tokenizer() -> ClipTokenizer:
+    """The process-wide tokenizer that `tokenize` uses (built on first use)."""
+    global _default_tokenizer
+    with _default_tokenizer_lock:
+        if _default_tokenizer is None:
+            _default_tokenizer = ClipTokenizer()
+        return _default_tokenizer
+
+
+def tokenize(texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH) -> torch.Tensor:
+    """Token ids [N, context_length] for one or more captions, as `open_clip.tokenize` returns them."""
+    return get_tokenizer()(texts, context_length)

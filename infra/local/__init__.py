@@ -1,0 +1,33 @@
+"""The local stack (S3 store, MLflow tracking server, Ray head) on loopback; see stack.py."""
+
+from infra.local.stack import (
+    BUCKETS,
+    DATA_BUCKET,
+    DEFAULT_STATE_DIR,
+    MLFLOW_ARTIFACTS_DESTINATION,
+    MLFLOW_BUCKET,
+    ServiceStatus,
+    StackConfig,
+    StackError,
+    load_config,
+    stack_env,
+    start,
+    status,
+    stop,
+)
+
+__all__ = [
+    "BUCKETS",
+    "DATA_BUCKET",
+    "DEFAULT_STATE_DIR",
+    "MLFLOW_ARTIFACTS_DESTINATION",
+    "MLFLOW_BUCKET",
+    "ServiceStatus",
+    "StackConfig",
+    "StackError",
+    "load_config",
+    "stack_env",
+    "start",
+    "status",
+    "stop",
+]

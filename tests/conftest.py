@@ -1,0 +1,96 @@
+"""Shared fixtures: the local stack of real services (S3, MLflow, Ray), started at most once per test session
+in the repo's .stack (the one `make demo` uses), reused when it already runs, and stopped at the end only if
+this test session started it and no other test session still uses it.
+"""
+
+import contextlib
+import fcntl
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# Ray decides at import time whether 127.0.0.1 may stand for this node; a driver that connects to the
+# loopback-only stack needs it before any test module imports ray. Local ray.init() clusters are unaffected.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+from infra.local import stack  # noqa: E402
+from pipelines import storage  # noqa: E402
+
+
+@dataclass(frozen=True)
+class LocalStack:
+    state_dir: Path
+    config: stack.StackConfig
+    env: dict[str, str]
+
+    @property
+    def s3_settings(self) -> storage.S3Settings:
+        return storage.S3Settings.from_env(self.env)
+
+
+@contextlib.contextmanager
+def _leases_locked(state_dir: Path) -> Iterator[Path]:
+    # Separate from the stack's own lock, which start() and stop() take themselves.
+    leases = state_dir / "test-leases"
+    leases.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / "test-leases.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield leases
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@pytest.fixture(scope="session")
+def local_stack() -> Iterator[LocalStack]:
+    """The shared stack. Several test sessions (several engineers, one machine) may use it at once: each
+    holds a lease, and services that tests started are stopped when the last lease goes."""
+    state_dir = stack.DEFAULT_STATE_DIR
+    owned = state_dir / "test-owned"
+    with _leases_locked(state_dir) as leases:
+        started = stack.start(state_dir)
+        if started:
+            before = set(owned.read_text().split()) if owned.exists() else set()
+            owned.write_text(" ".join(sorted(before | set(started))))
+        lease = leases / str(os.getpid())
+        lease.touch()
+    yield LocalStack(state_dir, stack.load_config(state_dir), stack.stack_env(state_dir))
+    with _leases_locked(state_dir) as leases:
+        lease.unlink(missing_ok=True)
+        others = [p for p in leases.iterdir() if p.name.isdigit() and _pid_alive(int(p.name))]
+        if owned.exists() and not others:
+            stack.stop(state_dir, services=owned.read_text().split())
+            owned.unlink()
+
+
+@pytest.fixture
+def local_stack_env(local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The stack's client environment (AWS_*, MLFLOW_TRACKING_URI, RAY_ADDRESS) for one test."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):  # a developer's own profile or session token must not mix in
+            monkeypatch.delenv(name)
+    for name, value in local_stack.env.items():
+        monkeypatch.setenv(name, value)
+    return local_stack.env
+
+
+@pytest.fixture
+def s3_prefix(local_stack: LocalStack) -> Iterator[str]:
+    """A fresh, empty prefix in the data bucket, deleted afterwards."""
+    prefix = f"s3://{stack.DATA_BUCKET}/tests/{uuid.uuid4().hex}"
+    yield prefix
+    storage.delete(prefix, recursive=True, settings=local_stack.s3_settings)

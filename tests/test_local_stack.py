@@ -1,0 +1,273 @@
+"""The local stack against its real services: a fresh stack from nothing (own state dir, own ports), then the
+shared stack used through boto3, pyarrow, fsspec, the MLflow client, a Ray driver and `ray job submit`."""
+
+import json
+import os
+import random
+import shlex
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from infra.local import stack
+from pipelines import storage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _free_ports(count: int, with_grpc_twin: bool = False) -> list[int]:
+    """Ports free now (and, for SeaweedFS, free at +10000 too), distinct from the stack's defaults."""
+    chosen: list[int] = []
+    while len(chosen) < count:
+        port = random.randint(20000, 45000)
+        twins = [port, port + 10000] if with_grpc_twin else [port]
+        if all(_port_free(p) for p in twins) and not set(twins) & set(chosen):
+            chosen.append(port)
+    return chosen
+
+
+def _cli(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "infra.local", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_fresh_stack_starts_from_nothing_restarts_as_noop_and_stops_without_orphans(tmp_path):
+    # A long state dir path on purpose: Ray's sockets must then move to a short directory under /tmp.
+    state_dir = tmp_path / "a-fresh-state-directory-with-a-long-name"
+    s3, master, volume, filer, admin = _free_ports(5, with_grpc_twin=True)
+    mlflow_port, ray_port, dashboard, client, agent = _free_ports(5)
+    config = stack.StackConfig(
+        s3_port=s3,
+        seaweed_master_port=master,
+        seaweed_volume_port=volume,
+        seaweed_filer_port=filer,
+        seaweed_admin_port=admin,
+        mlflow_port=mlflow_port,
+        ray_port=ray_port,
+        ray_dashboard_port=dashboard,
+        ray_client_port=client,
+        ray_agent_port=agent,
+        ray_num_cpus=1,
+        ray_object_store_bytes=100 * 1024 * 1024,
+    )
+    flags = [
+        f"--{name.replace('_', '-')}={value}" for name, value in vars(config).items() if value is not None
+    ]
+    try:
+        first = _cli("start", "--state-dir", str(state_dir), *flags)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "started seaweedfs, mlflow, ray" in first.stdout
+
+        # The recorded ports are reused without flags; everything is healthy, so nothing is started.
+        second = _cli("start", "--state-dir", str(state_dir))
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert second.stdout.count("already running and healthy") == 3
+        assert "nothing to do" in second.stdout
+
+        report = _cli("status", "--state-dir", str(state_dir))
+        assert report.returncode == 0, report.stdout
+        lines = report.stdout.splitlines()
+        assert [line.split()[:2] for line in lines] == [[s, "healthy"] for s in stack.SERVICES]
+        assert (
+            f"http://127.0.0.1:{s3}" in report.stdout and f"http://127.0.0.1:{mlflow_port}" in report.stdout
+        )
+
+        exported = dict(
+            shlex.split(line.removeprefix("export "))[0].split("=", 1)
+            for line in (state_dir / "env").read_text().splitlines()
+            if line.startswith("export ")
+        )
+        assert exported["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{s3}"
+        assert exported["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{mlflow_port}"
+        assert exported["RAY_ADDRESS"] == f"127.0.0.1:{ray_port}"
+        assert exported == stack.stack_env(state_dir)
+
+        runtime_dir = Path((state_dir / "runtime_dir").read_text().strip())
+        assert runtime_dir != state_dir and len(str(runtime_dir / "ray")) <= stack.MAX_SHORT_DIR_LEN
+        assert any(runtime_dir.glob("ray/session_*/sockets/raylet"))
+
+        records = [json.loads(p.read_text()) for p in sorted((state_dir / "run").glob("*.json"))]
+        assert len(records) == 3
+        processes = [pid for r in records for pid in stack._session_processes(r, stack._process_table())]
+        assert len(processes) > 3  # Ray and MLflow each run several
+    finally:
+        stopped = _cli("stop", "--state-dir", str(state_dir))
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+
+    table = stack._process_table()
+    assert [pid for pid in processes if pid in table and not table[pid].zombie] == []
+    assert [
+        p for p in config.service_ports("seaweedfs") + [mlflow_port, ray_port, dashboard] if _listening(p)
+    ] == []
+    assert not runtime_dir.exists()
+    down = _cli("status", "--state-dir", str(state_dir))
+    assert down.returncode == 1 and down.stdout.count("DOWN") == 3
+    again = _cli("stop", "--state-dir", str(state_dir))
+    assert again.returncode == 0 and again.stdout.count("not running") == 3
+
+
+def test_status_reports_every_service_of_the_shared_stack_healthy(local_stack):
+    report = stack.status(local_stack.state_dir)
+    assert [(s.name, s.healthy) for s in report] == [(name, True) for name in stack.SERVICES], report
+
+
+def test_s3_objects_written_by_one_client_library_are_read_by_the_others(local_stack, s3_prefix):
+    settings = local_stack.s3_settings
+    bucket, prefix = storage.split_s3(s3_prefix)
+
+    client = storage.boto3_client(settings)
+    client.put_object(Bucket=bucket, Key=f"{prefix}/from-boto3.bin", Body=b"written by boto3")
+    arrow_fs, arrow_path = storage.pyarrow_filesystem(f"{s3_prefix}/from-boto3.bin", settings)
+    with arrow_fs.open_input_stream(arrow_path) as f:
+        assert f.read() == b"written by boto3"
+    fs, path = storage.fsspec_filesystem(f"{s3_prefix}/from-boto3.bin", settings)
+    assert fs.cat(path) == b"written by boto3"
+
+    arrow_fs, arrow_path = storage.pyarrow_filesystem(f"{s3_prefix}/from-pyarrow.bin", settings)
+    with arrow_fs.open_output_stream(arrow_path) as f:
+        f.write(b"written by pyarrow")
+    fs, path = storage.fsspec_filesystem(f"{s3_prefix}/from-fsspec.bin", settings)
+    fs.pipe(path, b"written by fsspec")
+
+    for name in ("from-pyarrow", "from-fsspec"):
+        body = client.get_object(Bucket=bucket, Key=f"{prefix}/{name}.bin")["Body"].read()
+        assert body == f"written by {name.removeprefix('from-')}".encode()
+
+
+def test_mlflow_run_is_logged_and_its_artifact_proxied_into_the_bucket(local_stack, tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=local_stack.config.mlflow_uri)
+    experiment_id = client.create_experiment(f"test-local-stack-{uuid.uuid4().hex[:12]}")
+    try:
+        run_id = client.create_run(experiment_id).info.run_id
+        client.log_param(run_id, "model", "ViT-B-32")
+        client.log_metric(run_id, "loss", 2.5, step=1)
+        client.log_metric(run_id, "loss", 1.25, step=2)
+        note = tmp_path / "note.txt"
+        note.write_text("zero-shot top-1 goes here")
+        client.log_artifact(run_id, str(note), artifact_path="eval")
+        client.set_terminated(run_id)
+
+        run = client.get_run(run_id)
+        assert run.data.params == {"model": "ViT-B-32"}
+        assert [m.value for m in client.get_metric_history(run_id, "loss")] == [2.5, 1.25]
+        assert run.info.status == "FINISHED"
+        # Proxied: the client only ever talks to the server, which owns the bucket.
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+        assert [a.path for a in client.list_artifacts(run_id, "eval")] == ["eval/note.txt"]
+        downloaded = client.download_artifacts(run_id, "eval/note.txt", str(tmp_path / "back"))
+        assert Path(downloaded).read_text() == "zero-shot top-1 goes here"
+
+        in_bucket = [
+            e
+            for e in storage.list_files(stack.MLFLOW_ARTIFACTS_DESTINATION, settings=local_stack.s3_settings)
+            if run_id in e.uri
+        ]
+        assert [e.uri.rsplit(f"{run_id}/", 1)[1] for e in in_bucket] == ["artifacts/eval/note.txt"]
+        assert storage.read_bytes(in_bucket[0].uri, settings=local_stack.s3_settings) == note.read_bytes()
+    finally:
+        client.delete_experiment(experiment_id)
+
+
+def test_ray_task_runs_on_the_head_node_with_the_stack_environment(local_stack):
+    import ray
+
+    ray.init(address=local_stack.config.ray_address, logging_level="ERROR", log_to_driver=False)
+    try:
+
+        @ray.remote
+        def where_am_i(x: int) -> dict:
+            import os
+            import sys
+
+            return {
+                "double": 2 * x,
+                "node_ip": ray.util.get_node_ip_address(),
+                "s3": os.environ.get("AWS_ENDPOINT_URL"),
+                "python": sys.executable,
+            }
+
+        seen = ray.get(where_am_i.remote(21), timeout=120)
+        assert ray.get_runtime_context().gcs_address == local_stack.config.ray_address
+    finally:
+        ray.shutdown()
+    assert seen["double"] == 42
+    assert seen["node_ip"] == "127.0.0.1"
+    assert seen["s3"] == local_stack.config.s3_endpoint
+    assert Path(seen["python"]).parent == Path(sys.executable).parent
+
+
+def test_ray_job_submit_runs_an_entrypoint_and_returns_its_output(local_stack):
+    marker = f"clip-job-{uuid.uuid4().hex[:8]}"
+    entrypoint = f"import os; print('{marker}', os.environ['MLFLOW_TRACKING_URI'])"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
+    env |= local_stack.env
+    job = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "job",
+            "submit",
+            "--address",
+            local_stack.config.ray_dashboard_url,
+            "--",
+            "python",
+            "-c",
+            entrypoint,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert job.returncode == 0, job.stdout + job.stderr
+    assert f"{marker} {local_stack.config.mlflow_uri}" in job.stdout.splitlines()
+    assert "succeeded" in job.stdout
+
+
+def test_start_fails_clearly_when_a_foreign_program_holds_the_s3_port(tmp_path):
+    # The squatter accepts connections and never answers: the health probe must give up, not hang.
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        with pytest.raises(stack.StackError, match=rf"seaweedfs: port\(s\) \[{port}\b.*\] are in use"):
+            stack.start(tmp_path / "stack", stack.StackConfig(s3_port=port))
+    assert not (tmp_path / "stack" / "run" / "seaweedfs.json").exists()
+
+
+@pytest.mark.parametrize(("service", "field"), [("mlflow", "mlflow_port"), ("ray", "ray_dashboard_port")])
+def test_a_service_refuses_to_start_on_a_port_held_by_another_program(tmp_path, service, field):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        with pytest.raises(stack.StackError, match=rf"{service}: port\(s\) \[.*\b{port}\b.*\] are in use"):
+            stack._start_service(tmp_path / "stack", service, stack.StackConfig(**{field: port}), timeout_s=5)
+    assert not (tmp_path / "stack" / "run" / f"{service}.json").exists()

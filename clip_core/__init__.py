@@ -4,7 +4,7 @@ checkpoint format), with no Ray, MLflow or S3 imports so it runs anywhere PyTorc
 from .checkpoint import CheckpointError, infer_model_config, load_checkpoint, load_state_dict, save_checkpoint
 from .loss import ClipLoss
 from .model import CLIP, MODEL_CONFIG_DIR, add_model_config, create_model, get_model_config, list_models
-from .tokenizer import tokenize
+from .tokenizer import ClipTokenizer, tokenize
 from .transforms import CLIP_MEAN, CLIP_STD, image_transform
 from .zero_shot import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier
 
@@ -12,6 +12,7 @@ __all__ = [
     "CLIP",
     "MODEL_CONFIG_DIR",
     "CheckpointError",
+    "ClipTokenizer",
     "add_model_config",
     "infer_model_config",
     "load_state_dict",

@@ -7,12 +7,13 @@ from __future__ import annotations
 import gzip
 import html
 import re
+import struct
 import threading
 import unicodedata
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from itertools import chain, islice
+from itertools import chain
 from pathlib import Path
 
 import ftfy
@@ -57,6 +58,9 @@ ASCII_WORD_RE = re.compile(
 # Chunks and words longer than this are rarely seen twice, so they are encoded without entering a cache.
 MAX_CACHED_KEY_CHARS = 64
 DEFAULT_CACHE_ENTRIES = 1 << 18
+# Cached ids are packed as little-endian int32 bytes: a caption's ids are then one bytes.join of its chunks'
+# ids, and a batch one np.frombuffer, with no Python int per id (and nothing for the GC to track).
+ID_DTYPE = np.dtype("<i4")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -288,17 +292,22 @@ def clean_text(text: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # The tokenizer.
 # ---------------------------------------------------------------------------------------------------------
+def pack_ids(ids: Sequence[int]) -> bytes:
+    """`ids` as ID_DTYPE bytes."""
+    return struct.pack(f"<{len(ids)}i", *ids)
+
+
 class _BoundedCache(dict):
     """A dict that computes missing values with `compute` and empties itself when full. Losing entries only
     costs time: a value depends on its key alone, so ids never depend on the cache's state."""
 
-    def __init__(self, compute: Callable[[str], tuple[int, ...]], max_entries: int, max_key_chars: int):
+    def __init__(self, compute: Callable[[str], bytes], max_entries: int, max_key_chars: int):
         super().__init__()
         self.compute = compute
         self.max_entries = max_entries
         self.max_key_chars = max_key_chars
 
-    def __missing__(self, key: str) -> tuple[int, ...]:
+    def __missing__(self, key: str) -> bytes:
         value = self.compute(key)
         if len(key) <= self.max_key_chars:
             if len(self) >= self.max_entries:
@@ -352,31 +361,25 @@ class ClipTokenizer:
         # rebuild from the vocabulary file instead of pickling caches and the Rust model (e.g. for Ray tasks)
         return type(self), (self.context_length, self.num_threads, self.vocab_path, self.cache_entries)
 
-    def _encode_word(self, word: str) -> tuple[int, ...]:
+    def _encode_word(self, word: str) -> bytes:
         symbols = word  # printable ASCII bytes are their own BPE symbols
         if not (word.isascii() and word.isprintable()):
             symbols = word.encode("utf-8").decode("latin-1").translate(self._byte_symbols)
-        return tuple(token.id for token in self._bpe.tokenize(symbols))
+        return pack_ids([token.id for token in self._bpe.tokenize(symbols)])
 
-    def _encode_chunk(self, chunk: str) -> tuple[int, ...]:
+    def _encode_chunk(self, chunk: str) -> bytes:
         words = (ASCII_WORD_RE if chunk.isascii() else WORD_RE).findall(chunk)
         # Only the exact words "<start_of_text>" and "<end_of_text>" get the special ids (OpenAI's BPE cache
         # holds them; the regex also matches odd-cased variants, which then go through BPE like any word).
         if "_of_text>" not in chunk:
-            if len(words) <= 8:  # adding a few tuples is faster than chaining them
-                return sum(map(self._word_ids.__getitem__, words), ())
-            return tuple(chain.from_iterable(map(self._word_ids.__getitem__, words)))
-        ids: list[int] = []
-        for word in words:
-            special_id = self._special_ids.get(word)
-            if special_id is not None:
-                ids.append(special_id)
-            else:
-                ids.extend(self._word_ids[word])
-        return tuple(ids)
+            return b"".join(map(self._word_ids.__getitem__, words))
+        return b"".join(
+            pack_ids([self._special_ids[word]]) if word in self._special_ids else self._word_ids[word]
+            for word in words
+        )
 
     def _chunks(self, text: str) -> list[str]:
-        """The cleaned caption's whitespace-separated pieces."""
+        """The cleaned, lower-cased caption's whitespace-separated pieces ("chunks")."""
         if not isinstance(text, str):
             raise TypeError(f"expected a str to tokenize, got {type(text).__name__}")
         if not is_plain_ascii(text):
@@ -387,7 +390,9 @@ class ClipTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of one text, without start/end-of-text and without truncation."""
-        return list(chain.from_iterable(map(self._chunk_ids.__getitem__, self._chunks(text))))
+        return np.frombuffer(
+            b"".join(map(self._chunk_ids.__getitem__, self._chunks(text))), ID_DTYPE
+        ).tolist()
 
     def decode(self, ids: Iterable[int] | torch.Tensor | np.ndarray) -> str:
         """Text of `ids` as OpenCLIP decodes it: end of word becomes a space, special tokens stay literal."""
@@ -397,17 +402,14 @@ class ClipTokenizer:
         text = bytes(self._symbol_bytes[s] for s in symbols).decode("utf-8", errors="replace")
         return text.replace("</w>", " ")
 
-    def _encode_truncated(self, texts: Sequence[str], keep: int) -> tuple[list[int], list[int]]:
-        """The first `keep` ids of each text, all in one flat list (no list per text for the GC to track),
-        and how many each text has. Chunks past the first `keep` ids are never looked up."""
-        flat: list[int] = []
-        lengths: list[int] = []
-        extend, chunk_ids = flat.extend, self._chunk_ids.__getitem__
+    def _encode_truncated(self, texts: Sequence[str], keep: int) -> list[bytes]:
+        """The first `keep` ids of each text, packed. OpenAI's regex matches every non-space character, so
+        every chunk has at least one id and chunks past the first `keep` need not be looked up."""
+        rows: list[bytes] = []
+        append, chunk_ids, keep_bytes = rows.append, self._chunk_ids.__getitem__, keep * ID_DTYPE.itemsize
         for text in texts:
-            before = len(flat)
-            extend(islice(chain.from_iterable(map(chunk_ids, self._chunks(text))), keep))
-            lengths.append(len(flat) - before)
-        return flat, lengths
+            append(b"".join(map(chunk_ids, self._chunks(text)[:keep]))[:keep_bytes])
+        return rows
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
         """Token ids [len(texts), context_length] (int64): start-of-text, ids, end-of-text, zero padding.
@@ -421,26 +423,26 @@ class ClipTokenizer:
         keep = max(context_length - 2, 0)
 
         if self.num_threads <= 1 or len(texts) < 2 * self.num_threads:
-            flat, lengths = self._encode_truncated(texts, keep)
+            rows = self._encode_truncated(texts, keep)
         else:
             # Contiguous shards joined in order, so the output does not depend on the thread count. The work
             # is Python code, so threads only run in parallel on a free-threaded CPython build.
             bounds = np.linspace(0, len(texts), self.num_threads + 1).astype(int).tolist()
             shards = [texts[a:b] for a, b in zip(bounds, bounds[1:])]
             with ThreadPoolExecutor(self.num_threads) as pool:
-                results = list(pool.map(self._encode_truncated, shards, [keep] * len(shards)))
-            flat = list(chain.from_iterable(shard_flat for shard_flat, _ in results))
-            lengths = list(chain.from_iterable(shard_lengths for _, shard_lengths in results))
+                rows = list(
+                    chain.from_iterable(pool.map(self._encode_truncated, shards, [keep] * len(shards)))
+                )
 
         out = np.zeros((len(texts), context_length), dtype=np.int64)
         if context_length == 1:  # OpenAI's truncation overwrites the only slot with end-of-text
             out[:, 0] = self.eot_token_id
             return torch.from_numpy(out)
-        # the flat ids go to positions 1..n of their row: flat index = row start + 1 + rank within the row
-        n_ids = np.array(lengths, dtype=np.int64)
+        # row i's ids go to positions 1..n_i: flat index = row start + 1 + rank within the row
+        n_ids = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)) // ID_DTYPE.itemsize
         row_starts = np.arange(len(texts), dtype=np.int64) * context_length
-        offsets = np.repeat(row_starts + 1 - (np.cumsum(n_ids) - n_ids), n_ids)
-        out.reshape(-1)[offsets + np.arange(len(flat), dtype=np.int64)] = np.array(flat, dtype=np.int64)
+        ranks = np.arange(int(n_ids.sum()), dtype=np.int64) - np.repeat(np.cumsum(n_ids) - n_ids, n_ids)
+        out.reshape(-1)[np.repeat(row_starts + 1, n_ids) + ranks] = np.frombuffer(b"".join(rows), ID_DTYPE)
         out[:, 0] = self.sot_token_id
         out.reshape(-1)[row_starts + n_ids + 1] = self.eot_token_id
         return torch.from_numpy(out)

@@ -254,7 +254,7 @@ def test_ray_job_submit_runs_an_entrypoint_and_returns_its_output(local_stack):
 def test_start_fails_clearly_when_a_foreign_program_holds_the_s3_port(tmp_path):
     # The squatter accepts connections and never answers: the health probe must give up, not hang.
     with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", 0))
+        squatter.bind(("127.0.0.1", _free_ports(1, with_grpc_twin=True)[0]))
         squatter.listen()
         port = squatter.getsockname()[1]
         with pytest.raises(stack.StackError, match=rf"seaweedfs: port\(s\) \[{port}\b.*\] are in use"):
@@ -262,10 +262,15 @@ def test_start_fails_clearly_when_a_foreign_program_holds_the_s3_port(tmp_path):
     assert not (tmp_path / "stack" / "run" / "seaweedfs.json").exists()
 
 
+def test_a_seaweedfs_port_without_room_for_its_grpc_twin_is_refused_before_starting():
+    with pytest.raises(stack.StackError, match=r"seaweedfs: port\(s\) \[69333\] are outside 1-65535"):
+        stack.StackConfig(s3_port=59333)
+
+
 @pytest.mark.parametrize(("service", "field"), [("mlflow", "mlflow_port"), ("ray", "ray_dashboard_port")])
 def test_a_service_refuses_to_start_on_a_port_held_by_another_program(tmp_path, service, field):
     with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", 0))
+        squatter.bind(("127.0.0.1", _free_ports(1)[0]))
         squatter.listen()
         port = squatter.getsockname()[1]
         with pytest.raises(stack.StackError, match=rf"{service}: port\(s\) \[.*\b{port}\b.*\] are in use"):

@@ -90,6 +90,15 @@ class StackConfig:
     def ray_dashboard_url(self) -> str:
         return f"http://{HOST}:{self.ray_dashboard_port}"
 
+    def __post_init__(self) -> None:
+        for service in SERVICES:
+            bad = [p for p in self.service_ports(service) if not 0 < p < 65536]
+            if bad:
+                raise StackError(
+                    f"{service}: port(s) {bad} are outside 1-65535; SeaweedFS also listens on each of its "
+                    "ports + 10000 (gRPC), so its ports must be below 55536"
+                )
+
     def service_ports(self, service: str) -> list[int]:
         if service == "seaweedfs":
             http = [self.s3_port, self.seaweed_master_port, self.seaweed_volume_port, self.seaweed_filer_port]

@@ -1,0 +1,408 @@
+"""Downloader tests against a real HTTP server on loopback: hostile servers and URLs become failure
+results with reasons, transient failures are retried, SSRF targets are refused before connecting."""
+
+import asyncio
+import ipaddress
+import socket
+import time
+from urllib.parse import quote
+
+import pytest
+
+from pipelines.ingest.downloader import (
+    FAILED_TO_DOWNLOAD,
+    SUCCESS,
+    AsyncDownloader,
+    Downloader,
+    DownloaderConfig,
+    GuardedResolver,
+    RefusedAddressError,
+    address_refusal,
+    check_url,
+    parse_retry_after,
+    x_robots_tag_opt_out,
+)
+from tests.http_fixtures import HttpTestServer
+
+# The test server lives on loopback, so every downloader that talks to it must allow private networks.
+FAST = dict(allow_private_networks=True, timeout_s=10.0, backoff_base_s=0.05, backoff_max_s=0.2)
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = HttpTestServer().start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def downloader():
+    with Downloader(DownloaderConfig(**FAST)) as d:
+        yield d
+
+
+def download_one(downloader, url):
+    (result,) = downloader.download_batch([url])
+    return result
+
+
+def assert_failed(result, *fragments):
+    assert result.status == FAILED_TO_DOWNLOAD, result
+    assert result.body is None
+    for fragment in fragments:
+        assert fragment in result.error_message, result.error_message
+
+
+# --- address policy and URL checks (no network) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "100.64.0.1",
+        "0.0.0.0",
+        "224.0.0.1",
+        "240.0.0.1",
+        "255.255.255.255",
+        "::1",
+        "::",
+        "fc00::1",
+        "fd12:3456::1",
+        "fe80::1",
+        "ff02::1",
+        "::ffff:127.0.0.1",
+        "::ffff:10.0.0.1",
+        "64:ff9b::a00:1",  # NAT64 form of 10.0.0.1
+        "2002:7f00:1::1",  # 6to4 form of 127.0.0.1
+    ],
+)
+def test_non_public_addresses_refused_unless_private_networks_allowed(address):
+    ip = ipaddress.ip_address(address)
+    assert address_refusal(ip, allow_private_networks=False) is not None
+    assert address_refusal(ip, allow_private_networks=True) is None
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "169.254.169.254",
+        "169.254.170.2",
+        "fd00:ec2::254",
+        "100.100.100.200",
+        "::ffff:169.254.169.254",
+        "168.63.129.16",
+    ],
+)
+def test_metadata_addresses_refused_even_with_private_networks_allowed(address):
+    for allow in (False, True):
+        reason = address_refusal(ipaddress.ip_address(address), allow_private_networks=allow)
+        assert reason is not None and "metadata" in reason
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "93.184.216.34", "2001:4860:4860::8888", "::ffff:8.8.8.8"])
+def test_public_addresses_allowed(address):
+    assert address_refusal(ipaddress.ip_address(address), allow_private_networks=False) is None
+
+
+@pytest.mark.parametrize(
+    "url, fragment",
+    [
+        ("", "empty URL"),
+        ("   ", "empty URL"),
+        (None, "empty URL"),
+        ("file:///etc/passwd", "unsupported URL scheme 'file'"),
+        ("ftp://example.com/a.jpg", "unsupported URL scheme 'ftp'"),
+        ("data:image/png;base64,iVBORw0KGgo=", "unsupported URL scheme 'data'"),
+        ("javascript:alert(1)", "unsupported URL scheme 'javascript'"),
+        ("example.com/a.jpg", "no scheme"),
+        ("http://", "no host"),
+        ("http://user:secret@example.com/a.jpg", "credentials"),
+        ("http://example.com:99999/a.jpg", "malformed URL"),
+        ("http://[::1/a.jpg", "malformed URL"),
+        ("http://example.com/" + "a" * 5000, "characters long"),
+        ("http://169.254.169.254/latest/meta-data/", "metadata"),
+        ("http://[::ffff:a9fe:a9fe]/", "metadata"),
+        ("http://127.0.0.1/a.jpg", "loopback"),
+    ],
+)
+def test_check_url_rejects_with_reason(url, fragment):
+    parsed, reason = check_url(url, DownloaderConfig())
+    assert parsed is None
+    assert fragment in reason
+
+
+def test_check_url_accepts_ordinary_image_urls():
+    for url, host in (
+        ("http://example.com/a.jpg", "example.com"),
+        (" https://cdn.example.org:8443/a%20b.png?w=2 ", "cdn.example.org"),
+    ):
+        parsed, reason = check_url(url, DownloaderConfig())
+        assert reason is None
+        assert parsed.host == host
+
+
+@pytest.mark.parametrize(
+    "values, opted_out",
+    [
+        (["noai"], "noai"),
+        (["NoImageAI"], "noimageai"),
+        (["noindex, nofollow"], "noindex"),
+        (["nofollow", "noimageindex"], "noimageindex"),
+        (["otherbot: noai"], None),
+        (["clip-ray-ingest: noai"], "noai"),
+        (["otherbot: noindex, nofollow"], None),
+        (["unavailable_after: 25 Jun 2010 15:00:00 PST"], None),
+        (["max-image-preview: large, noai"], "noai"),
+        (["all"], None),
+        ([], None),
+    ],
+)
+def test_x_robots_tag_opt_out(values, opted_out):
+    directives = ("noai", "noimageai", "noindex", "noimageindex")
+    assert x_robots_tag_opt_out(values, "clip-ray-ingest", directives) == opted_out
+
+
+def test_parse_retry_after_seconds_and_http_date():
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    now = 1_700_000_000.0
+    assert parse_retry_after("Tue, 14 Nov 2023 22:13:40 GMT", now=now) == pytest.approx(20.0)
+    assert parse_retry_after("Tue, 14 Nov 2023 22:00:00 GMT", now=now) == 0.0
+
+
+def test_config_validation_names_the_bad_field():
+    with pytest.raises(ValueError, match="timeout_s"):
+        DownloaderConfig(timeout_s=0)
+    with pytest.raises(ValueError, match="user_agent_token"):
+        DownloaderConfig(user_agent_token="two words")
+    assert "clip-ray-ingest/0.1" in DownloaderConfig().user_agent
+
+
+def test_guarded_resolver_filters_resolved_addresses():
+    async def resolve(allow, host):
+        resolver = GuardedResolver(allow_private_networks=allow)
+        try:
+            return await resolver.resolve(host, 80, socket.AF_INET)
+        finally:
+            await resolver.close()
+
+    with pytest.raises(RefusedAddressError, match="loopback"):
+        asyncio.run(resolve(False, "localhost"))
+    assert [r["host"] for r in asyncio.run(resolve(True, "localhost"))] == ["127.0.0.1"]
+    with pytest.raises(RefusedAddressError, match="metadata"):
+        asyncio.run(resolve(True, "169.254.169.254"))
+
+
+# --- against the real server ---------------------------------------------------------------------------------
+
+
+def test_good_image_downloaded(server, downloader):
+    result = download_one(downloader, server.url("/image.jpg"))
+    assert result.status == SUCCESS, result.error_message
+    assert result.body == server.jpeg
+    assert result.http_status == 200
+    assert result.content_type == "image/jpeg"
+    assert result.final_url == server.url("/image.jpg")
+    assert result.error_message is None and result.attempts == 1 and result.elapsed > 0
+
+
+def test_404_and_403_are_not_retried(server, downloader):
+    for code in (404, 403):
+        result = download_one(downloader, server.url(f"/status/{code}"))
+        assert_failed(result, f"HTTP {code}")
+        assert result.http_status == code and result.attempts == 1
+        assert server.hits[f"status/{code}"] == 1
+
+
+def test_500_then_200_is_retried_and_counted(server, downloader):
+    result = download_one(downloader, server.url("/flaky/five-hundred?fail=1&code=500"))
+    assert result.status == SUCCESS, result.error_message
+    assert result.attempts == 2 and server.hits["flaky/five-hundred"] == 2
+
+
+def test_persistent_503_gives_up_after_max_retries(server, downloader):
+    result = download_one(downloader, server.url("/flaky/always-503?fail=100&code=503"))
+    assert_failed(result, "HTTP 503", "gave up after 3 attempts")
+    assert server.hits["flaky/always-503"] == 3
+
+
+def test_429_honours_retry_after(server, downloader):
+    result = download_one(downloader, server.url("/flaky/rate-limited?fail=1&code=429&retry_after=1"))
+    assert result.status == SUCCESS, result.error_message
+    first, second = server.hit_times["flaky/rate-limited"]
+    assert second - first >= 0.9  # the server asked for a one-second pause
+
+
+def test_retry_after_capped_and_bounded_by_deadline(server):
+    config = DownloaderConfig(**{**FAST, "max_retry_after_s": 0.1})
+    with Downloader(config) as d:
+        result = download_one(d, server.url("/flaky/capped?fail=1&code=429&retry_after=3600"))
+    assert result.status == SUCCESS and result.attempts == 2
+    config = DownloaderConfig(**{**FAST, "timeout_s": 1.0, "max_retry_after_s": 60})
+    with Downloader(config) as d:
+        result = download_one(d, server.url("/flaky/no-time?fail=1&code=503&retry_after=30"))
+    assert_failed(result, "HTTP 503", "no time left")
+    assert server.hits["flaky/no-time"] == 1
+
+
+def test_slow_drip_cut_off_at_deadline(server):
+    with Downloader(DownloaderConfig(**{**FAST, "timeout_s": 2.0})) as d:
+        started = time.monotonic()
+        result = download_one(d, server.url("/slow-drip"))
+        took = time.monotonic() - started
+    assert_failed(result, "deadline of 2 s exceeded")
+    assert took < 8.0  # the server would drip for 60 s
+
+
+def test_redirect_chain_within_limit_followed(server, downloader):
+    result = download_one(downloader, server.url("/chain/5"))
+    assert result.status == SUCCESS, result.error_message
+    assert result.final_url == server.url("/chain/0") and result.body == server.jpeg
+
+
+def test_too_many_redirects(server, downloader):
+    result = download_one(downloader, server.url("/chain/6"))
+    assert_failed(result, "too many redirects")
+    assert result.attempts == 1
+
+
+def test_redirect_loop_detected(server, downloader):
+    result = download_one(downloader, server.url("/loop/a"))
+    assert_failed(result, "redirect loop")
+    assert result.attempts == 1
+
+
+def test_redirect_to_metadata_address_refused(server, downloader):
+    target = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
+    result = download_one(downloader, server.url(f"/redirect?location={quote(target, safe='')}"))
+    assert_failed(result, "redirect to", "metadata")
+
+
+def test_redirect_to_unsupported_scheme_refused(server, downloader):
+    result = download_one(
+        downloader, server.url(f"/redirect?location={quote('file:///etc/passwd', safe='')}")
+    )
+    assert_failed(result, "unsupported URL scheme 'file'")
+
+
+def test_oversize_body_with_content_length_refused(server):
+    with Downloader(DownloaderConfig(**{**FAST, "max_body_bytes": 64 * 1024})) as d:
+        result = download_one(d, server.url(f"/big?size={200 * 1024}"))
+    assert_failed(result, "body too large", "Content-Length 204800")
+
+
+def test_oversize_body_without_content_length_cut_while_streaming(server):
+    with Downloader(DownloaderConfig(**{**FAST, "max_body_bytes": 64 * 1024})) as d:
+        result = download_one(d, server.url(f"/big?size={4 * 1024 * 1024}&chunked=1"))
+        within_limit = download_one(d, server.url(f"/big?size={60 * 1024}&chunked=1"))
+    assert_failed(result, "body too large", "streamed")
+    assert within_limit.status == SUCCESS and len(within_limit.body) == 60 * 1024
+
+
+def test_x_robots_tag_noai_honoured_by_default_and_ignorable(server, downloader):
+    url = server.url("/robots?tag=noai")
+    assert_failed(download_one(downloader, url), "X-Robots-Tag: noai")
+    other_bot = download_one(downloader, server.url("/robots?tag=" + quote("otherbot: noai")))
+    assert other_bot.status == SUCCESS
+    addressed_to_us = download_one(
+        downloader, server.url("/robots?tag=" + quote("clip-ray-ingest: noimageai"))
+    )
+    assert_failed(addressed_to_us, "noimageai")
+    with Downloader(DownloaderConfig(**{**FAST, "respect_x_robots_tag": False})) as d:
+        assert download_one(d, url).status == SUCCESS
+
+
+def test_connection_reset_mid_body_is_failure_after_retries(server, downloader):
+    result = download_one(downloader, server.url("/reset-mid-body"))
+    assert_failed(result, "connection lost")
+    assert result.attempts == 3 and server.hits["reset-mid-body"] == 3
+
+
+def test_empty_body_is_failure(server, downloader):
+    assert_failed(download_one(downloader, server.url("/empty")), "empty body")
+
+
+def test_refused_connection_is_failure():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # Nothing listens on the port any more.
+    with Downloader(DownloaderConfig(**FAST)) as d:
+        result = download_one(d, f"http://127.0.0.1:{port}/a.jpg")
+    assert_failed(result, "cannot connect")
+    assert result.attempts == 1
+
+
+def test_dns_failure_is_failure(downloader):
+    # .invalid never resolves (RFC 6761).
+    assert_failed(download_one(downloader, "http://no-such-host.invalid/a.jpg"), "DNS lookup failed")
+
+
+def test_loopback_refused_without_allow_private_networks(server):
+    with Downloader(DownloaderConfig(timeout_s=5.0)) as d:
+        literal, by_name, decimal, short = d.download_batch(
+            [
+                server.url("/image.jpg"),
+                f"http://localhost:{server.port}/image.jpg",
+                f"http://2130706433:{server.port}/image.jpg",
+                f"http://127.1:{server.port}/image.jpg",
+            ]
+        )
+    assert_failed(literal, "loopback")
+    assert_failed(by_name, "refused to connect to localhost", "loopback")
+    assert_failed(decimal)
+    assert_failed(short)
+
+
+def test_localhost_allowed_with_allow_private_networks(server, downloader):
+    result = download_one(downloader, f"http://localhost:{server.port}/image.jpg")
+    assert result.status == SUCCESS, result.error_message
+
+
+def test_metadata_refused_even_with_allow_private_networks(downloader):
+    for url in (
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fd00:ec2::254]/",
+        "http://100.100.100.200/",
+    ):
+        result = download_one(downloader, url)
+        assert_failed(result, "metadata")
+        assert result.attempts == 0  # refused before any connection attempt
+
+
+def test_batch_of_mixed_urls_keeps_input_order_and_reuses_connections(server):
+    urls, expected = [], []
+    for i in range(200):
+        kind = i % 5
+        if kind in (0, 1, 2):
+            urls.append(server.url(f"/echo/{i}"))
+            expected.append((SUCCESS, f"image-{i}".encode()))
+        elif kind == 3:
+            urls.append(server.url(f"/status/404?i={i}"))
+            expected.append((FAILED_TO_DOWNLOAD, None))
+        else:
+            urls.append(f"ftp://example.com/{i}.jpg" if i % 2 else f"http://[bad{i}")
+            expected.append((FAILED_TO_DOWNLOAD, None))
+    server.reset_counters()
+    with Downloader(DownloaderConfig(**{**FAST, "max_in_flight": 64, "max_per_host": 8})) as d:
+        results = d.download_batch(urls)
+    assert [r.url for r in results] == urls
+    assert [(r.status, r.body) for r in results] == expected
+    assert server.requests_served == 160
+    # 160 requests over at most 8 parallel keep-alive connections to the one host.
+    assert len(server.connections) <= 8 < server.requests_served
+
+
+def test_async_core_usable_inside_an_event_loop(server):
+    async def main():
+        async with AsyncDownloader(DownloaderConfig(**FAST)) as d:
+            return await d.download_many([server.url("/image.jpg"), "gopher://x/"])
+
+    good, bad = asyncio.run(main())
+    assert good.status == SUCCESS and good.body == server.jpeg
+    assert_failed(bad, "unsupported URL scheme 'gopher'")

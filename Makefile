@@ -6,12 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint stack-start stack-stop stack-status bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
-	# torch and torchvision first, from the exact pair known to work together (see README).
-	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -e '.[dev]'
+	# torch and torchvision first, the exact pair known to work together (see README).
+	$(PY) -m pip install -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -276,3 +276,23 @@ def test_a_service_refuses_to_start_on_a_port_held_by_another_program(tmp_path, 
         with pytest.raises(stack.StackError, match=rf"{service}: port\(s\) \[.*\b{port}\b.*\] are in use"):
             stack._start_service(tmp_path / "stack", service, stack.StackConfig(**{field: port}), timeout_s=5)
     assert not (tmp_path / "stack" / "run" / f"{service}.json").exists()
+
+
+def test_a_failed_start_stops_the_services_it_had_already_started(tmp_path):
+    s3, master, volume, filer, admin = _free_ports(5, with_grpc_twin=True)
+    config = stack.StackConfig(
+        s3_port=s3,
+        seaweed_master_port=master,
+        seaweed_volume_port=volume,
+        seaweed_filer_port=filer,
+        seaweed_admin_port=admin,
+        mlflow_port=_free_ports(1)[0],
+    )
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", config.mlflow_port))
+        squatter.listen()
+        with pytest.raises(stack.StackError, match="mlflow: port"):
+            stack.start(tmp_path / "stack", config)
+    # SeaweedFS came up first; the failed start took it down again.
+    assert not _listening(s3)
+    assert not (tmp_path / "stack" / "run" / "seaweedfs.json").exists()

@@ -197,6 +197,10 @@ def _client_env(config: StackConfig, creds: dict[str, str]) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": config.mlflow_uri,
         "RAY_ADDRESS": config.ray_address,
         "RAY_API_SERVER_ADDRESS": config.ray_dashboard_url,
+        # Ray turns on token authentication whenever ~/.ray/auth_token exists (any local ray.init() writes
+        # one). The stack listens on loopback only, so its head, its health checks and its clients agree on
+        # no authentication instead of depending on what else ran on this machine before.
+        "RAY_AUTH_MODE": "disabled",
         # Without this Ray swaps 127.0.0.1 for the machine's outward address, in the head and in every
         # driver, and then listens beyond loopback. It must be set before `import ray`.
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -643,7 +647,13 @@ def start(
                 # Ours but unhealthy (hung, or half-started by a killed start): replace it.
                 _say(f"{service}: running but unhealthy ({detail}); restarting it")
                 _kill_service(state_dir, service)
-            _start_service(state_dir, service, config, timeout_s or HEALTH_TIMEOUT_S[service])
+            try:
+                _start_service(state_dir, service, config, timeout_s or HEALTH_TIMEOUT_S[service])
+            except StackError:
+                # Leave nothing half-started: what this call started goes down with the one that failed.
+                for done in reversed(started):
+                    _kill_service(state_dir, done)
+                raise
             started.append(service)
         _say(
             ("started " + ", ".join(started)) if started else "everything was already running; nothing to do"

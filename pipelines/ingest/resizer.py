@@ -1,0 +1,366 @@
+"""Ingest stage 3: decode downloaded bytes, make them upright 8-bit RGB, resize and re-encode them.
+Resize modes and output sizes follow img2dataset's; JPEGs being shrunk are decoded at reduced size
+(libjpeg DCT scaling through Pillow's draft mode), which is where most of the speed comes from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
+# Same names as img2dataset's interpolation options.
+INTERPOLATIONS = {
+    "nearest": cv2.INTER_NEAREST,
+    "linear": cv2.INTER_LINEAR,
+    "bilinear": cv2.INTER_LINEAR,
+    "cubic": cv2.INTER_CUBIC,
+    "bicubic": cv2.INTER_CUBIC,
+    "area": cv2.INTER_AREA,
+    "lanczos": cv2.INTER_LANCZOS4,
+    "lanczos4": cv2.INTER_LANCZOS4,
+}
+# Output format -> (OpenCV encoder extension, quality parameter, its range, default).
+# As in img2dataset, a PNG's "quality" is its zlib compression level.
+ENCODERS = {
+    "jpg": (".jpg", cv2.IMWRITE_JPEG_QUALITY, (0, 100), 95),
+    "webp": (".webp", cv2.IMWRITE_WEBP_QUALITY, (1, 100), 95),
+    "png": (".png", cv2.IMWRITE_PNG_COMPRESSION, (0, 9), 3),
+}
+# Pillow's own default limit, made explicit so that it is ours to configure.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+# EXIF orientation -> the transpose that makes the stored pixels upright. 5-8 swap width and height.
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_EXIF_ORIENTATION = 0x0112
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+# We refuse oversized images ourselves from the header size, with our own limit and message; Pillow's
+# warning for the same thing would only repeat it in the logs of every worker.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+@dataclass(frozen=True)
+class ResizerConfig:
+    """How images are resized and encoded; names and defaults as in img2dataset."""
+
+    image_size: int = 256
+    resize_mode: str = "border"
+    resize_only_if_bigger: bool = False
+    upscale_interpolation: str = "lanczos"
+    downscale_interpolation: str = "area"
+    encode_format: str = "jpg"
+    # None: the format's default (95 for jpg and webp, compression 3 for png).
+    encode_quality: int | None = None
+    # Images whose header claims more pixels than this are refused before any pixel is decoded.
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    # Decode JPEGs at 1/2, 1/4 or 1/8 scale when the output is smaller anyway.
+    reduced_decode: bool = True
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be a positive number of pixels, got {self.image_size}")
+        for name in ("upscale_interpolation", "downscale_interpolation"):
+            if getattr(self, name) not in INTERPOLATIONS:
+                raise ValueError(
+                    f"{name} must be one of {sorted(INTERPOLATIONS)}, got {getattr(self, name)!r}"
+                )
+        if self.encode_format not in ENCODERS:
+            raise ValueError(f"encode_format must be one of {sorted(ENCODERS)}, got {self.encode_format!r}")
+        low, high = ENCODERS[self.encode_format][2]
+        if self.encode_quality is not None and not low <= self.encode_quality <= high:
+            what = "compression level" if self.encode_format == "png" else "quality"
+            raise ValueError(
+                f"encode_quality is the {what} for {self.encode_format} and must be in [{low}, {high}], "
+                f"got {self.encode_quality}"
+            )
+        if self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
+
+
+@dataclass
+class ResizeResult:
+    """One image through the resizer. On failure `image` and the sizes are None and `error_message` says why."""
+
+    status: str  # "success" or "failed_to_decode"
+    error_message: str | None
+    image: bytes | None
+    width: int | None
+    height: int | None
+    original_width: int | None  # upright, i.e. after EXIF orientation
+    original_height: int | None
+    sha256: str  # of the bytes as downloaded, whatever the outcome
+    format: str  # extension of `image`: jpg, png or webp
+
+    def to_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def resized_size(width: int, height: int, config: ResizerConfig) -> tuple[int, int] | None:
+    """(width, height) the whole image is scaled to before any crop or pad, or None when it is left as is."""
+    if config.resize_mode == "no":
+        return None
+    if config.resize_mode in ("keep_ratio", "center_crop"):
+        side = min(width, height)
+    else:
+        side = max(width, height)
+    if config.resize_only_if_bigger and side <= config.image_size:
+        return None
+    # The same arithmetic as albumentations' Smallest/LongestMaxSize that img2dataset calls, so sizes match.
+    scale = config.image_size / side
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _shrinks(width: int, height: int, config: ResizerConfig) -> bool:
+    side = min(width, height) if config.resize_mode in ("keep_ratio", "center_crop") else max(width, height)
+    return side > config.image_size
+
+
+def output_size(width: int, height: int, config: ResizerConfig) -> tuple[int, int]:
+    """(width, height) of the encoded output for an upright input of this size."""
+    size = resized_size(width, height, config)
+    if size is None:
+        return width, height
+    if config.resize_mode in ("center_crop", "border"):
+        return config.image_size, config.image_size
+    return size
+
+
+class Resizer:
+    """Callable: raw downloaded bytes -> ResizeResult. Never raises on bad data."""
+
+    def __init__(self, config: ResizerConfig | None = None):
+        self.config = config or ResizerConfig()
+        extension, quality_flag, _, default_quality = ENCODERS[self.config.encode_format]
+        quality = default_quality if self.config.encode_quality is None else self.config.encode_quality
+        self._extension = extension
+        self._encode_params = [int(quality_flag), int(quality)]
+
+    def __call__(self, raw: bytes) -> ResizeResult:
+        sha256 = hashlib.sha256(raw).hexdigest()
+        try:
+            return self._resize(raw, sha256)
+        except Exception as error:  # a bad image is data, whatever the library raised
+            return self._failure(sha256, f"cannot decode image: {type(error).__name__}: {error}")
+
+    def _failure(self, sha256: str, message: str) -> ResizeResult:
+        return ResizeResult(
+            "failed_to_decode", message, None, None, None, None, None, sha256, self.config.encode_format
+        )
+
+    def _resize(self, raw: bytes, sha256: str) -> ResizeResult:
+        config = self.config
+        if not raw:
+            return self._failure(sha256, "empty body: 0 bytes received")
+        try:
+            image = Image.open(io.BytesIO(raw))
+        except Image.DecompressionBombError as error:
+            return self._failure(sha256, f"refused before decoding, possible decompression bomb: {error}")
+        except UnidentifiedImageError:
+            return self._decode_with_opencv(raw, sha256)
+
+        stored_width, stored_height = image.size
+        if stored_width * stored_height > config.max_image_pixels:
+            return self._failure(sha256, _bomb_message(stored_width, stored_height, config.max_image_pixels))
+
+        orientation = _exif_orientation(image)
+        rotated = orientation in (5, 6, 7, 8)
+        width, height = (stored_height, stored_width) if rotated else (stored_width, stored_height)
+        target = resized_size(width, height, config)
+        draft_box = None
+        if (
+            target is not None
+            and _shrinks(width, height, config)
+            and config.reduced_decode
+            and image.format in ("JPEG", "MPO")
+        ):
+            # draft() works in the stored frame and keeps both sides >= the request, so the side the
+            # resize mode needs stays at least as large as the final output.
+            stored_target = (target[1], target[0]) if rotated else target
+            drafted = image.draft(image.mode, stored_target)
+            if drafted is not None and image.size != (stored_width, stored_height):
+                draft_box = drafted[1]
+        if draft_box is None and _opencv_decodes_alike(image, raw):
+            # Full-size decode: OpenCV hands back its array without the copy that exporting from Pillow
+            # costs (a third of the time on a 3000x2000 JPEG), and it is the very decode img2dataset does.
+            pixels = cv2.imdecode(
+                np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+            )
+            if pixels is not None and pixels.shape[:2] == (stored_height, stored_width):
+                return self._finish(_orient(pixels, orientation), width, height, sha256)
+            # Otherwise Pillow decodes it below and says what is wrong.
+        image.load()
+        if draft_box is not None:
+            # The last row and column of 8x8 blocks decode to partial pixels (e.g. 1700 px at 1/8 is 212.5
+            # px), which OpenCV's resize cannot express and which would shift detail by up to half an output
+            # pixel. Pillow's resize takes that fractional source box; its antialiased bicubic lands closer to
+            # OpenCV's area resize of the full image than area (a second box filter) does here.
+            if image.mode not in ("RGB", "L"):
+                image = image.convert("RGB")
+            image = image.resize(stored_target, Image.Resampling.BICUBIC, box=draft_box)
+        if orientation in _UPRIGHT:
+            image = image.transpose(_UPRIGHT[orientation])
+        return self._finish(_to_bgr(image), width, height, sha256)
+
+    def _decode_with_opencv(self, raw: bytes, sha256: str) -> ResizeResult:
+        """For the few formats Pillow does not know (e.g. Radiance HDR). OpenCV has no header-only read,
+        so here its own pixel cap (OPENCV_IO_MAX_IMAGE_PIXELS) guards the decode and ours is checked after."""
+        head = raw[:64].lstrip()
+        if head.startswith(b"<"):
+            # Servers answer dead links with HTML pages; SVG is XML text that we do not rasterise.
+            return self._failure(
+                sha256, f"not an image: the body is HTML/XML text ({len(raw)} bytes, starts {head[:20]!r})"
+            )
+        decoded = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
+        if decoded is None or decoded.size == 0:
+            return self._failure(
+                sha256,
+                f"not an image: neither Pillow nor OpenCV recognise these {len(raw)} bytes (first {raw[:8]!r})",
+            )
+        height, width = decoded.shape[:2]
+        if width * height > self.config.max_image_pixels:
+            return self._failure(sha256, _bomb_message(width, height, self.config.max_image_pixels))
+        return self._finish(_opencv_to_bgr(decoded), width, height, sha256)
+
+    def _finish(self, pixels: np.ndarray, width: int, height: int, sha256: str) -> ResizeResult:
+        """Upright BGR pixels (possibly decoded at reduced size) -> resized, cropped or padded, encoded."""
+        config = self.config
+        target = resized_size(width, height, config)
+        if target is not None:
+            # Up or down is decided on the original size, as img2dataset does, not on the reduced decode.
+            if _shrinks(width, height, config):
+                interpolation = INTERPOLATIONS[config.downscale_interpolation]
+            else:
+                interpolation = INTERPOLATIONS[config.upscale_interpolation]
+            if (pixels.shape[1], pixels.shape[0]) != target:
+                pixels = cv2.resize(pixels, target, interpolation=interpolation)
+            side = config.image_size
+            if config.resize_mode == "center_crop":
+                top, left = (target[1] - side) // 2, (target[0] - side) // 2
+                pixels = pixels[top : top + side, left : left + side]
+            elif config.resize_mode == "border":
+                top, left = (side - target[1]) // 2, (side - target[0]) // 2
+                bottom, right = side - target[1] - top, side - target[0] - left
+                pixels = cv2.copyMakeBorder(
+                    pixels, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(255, 255, 255)
+                )
+        out_height, out_width = pixels.shape[:2]
+        ok, encoded = cv2.imencode(self._extension, pixels, self._encode_params)
+        if not ok:
+            return self._failure(
+                sha256, f"decoded but cannot encode {out_width}x{out_height} as {config.encode_format}"
+            )
+        return ResizeResult(
+            "success",
+            None,
+            encoded.tobytes(),
+            out_width,
+            out_height,
+            width,
+            height,
+            sha256,
+            config.encode_format,
+        )
+
+
+def _bomb_message(width: int, height: int, limit: int) -> str:
+    return (
+        f"refused before decoding, possible decompression bomb: header says {width}x{height} = "
+        f"{width * height} pixels, above the limit of {limit}"
+    )
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # a broken EXIF block should not cost us the image
+        return 1
+    return orientation if isinstance(orientation, int) else 1
+
+
+def _opencv_decodes_alike(image: Image.Image, raw: bytes) -> bool:
+    """Whether OpenCV's IMREAD_COLOR gives the same pixels as the Pillow path would, errors included."""
+    if image.mode not in ("RGB", "L") or image.has_transparency_data:
+        return False
+    if image.format == "JPEG":
+        # libjpeg only warns about a missing end of image and OpenCV then returns grey-filled pixels;
+        # Pillow raises, so truncated files go to Pillow.
+        return raw.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+    if image.format == "PNG":
+        # Likewise a PNG cut short would make libpng print errors; Pillow reports it instead.
+        return raw.endswith(b"IEND\xaeB`\x82")
+    return image.format == "WEBP"
+
+
+def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply EXIF orientation to an OpenCV array, as _UPRIGHT does for Pillow images."""
+    if orientation == 2:
+        return cv2.flip(pixels, 1)
+    if orientation == 3:
+        return cv2.rotate(pixels, cv2.ROTATE_180)
+    if orientation == 4:
+        return cv2.flip(pixels, 0)
+    if orientation == 5:
+        return cv2.transpose(pixels)
+    if orientation == 6:
+        return cv2.rotate(pixels, cv2.ROTATE_90_CLOCKWISE)
+    if orientation == 7:
+        return cv2.rotate(cv2.transpose(pixels), cv2.ROTATE_180)
+    if orientation == 8:
+        return cv2.rotate(pixels, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    return pixels
+
+
+def _to_bgr(image: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> HxWx3 uint8 BGR (OpenCV's order); alpha is flattened on white, 16-bit scaled to 8."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        gray = np.asarray(image)
+        gray = np.rint(gray.astype(np.float32) / 257.0).clip(0, 255).astype(np.uint8)
+        return cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+    if image.mode == "F":
+        image = image.convert("L")
+    if image.has_transparency_data:
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        return cv2.cvtColor(_flatten_on_white(np.asarray(rgba)), cv2.COLOR_RGB2BGR)
+    if image.mode == "L":
+        return cv2.cvtColor(np.asarray(image), cv2.COLOR_GRAY2BGR)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR)
+
+
+def _flatten_on_white(rgba: np.ndarray) -> np.ndarray:
+    # rgb * a/255 + 255 * (1 - a/255), rounded, in integers: the sum never exceeds 255*255 so uint16 holds it.
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    rgb = rgba[..., :3].astype(np.uint16)
+    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def _opencv_to_bgr(decoded: np.ndarray) -> np.ndarray:
+    """OpenCV's IMREAD_UNCHANGED output (gray/BGR/BGRA, 8/16-bit or float) -> HxWx3 uint8 BGR."""
+    if decoded.dtype == np.uint16:
+        decoded = np.rint(decoded / 257.0).astype(np.uint8)
+    elif decoded.dtype != np.uint8:
+        # Float formats such as HDR hold linear light around [0, 1].
+        decoded = (np.clip(decoded, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if decoded.ndim == 2:
+        return cv2.cvtColor(decoded, cv2.COLOR_GRAY2BGR)
+    if decoded.shape[2] == 4:
+        return _flatten_on_white(decoded)
+    return decoded

@@ -65,7 +65,9 @@ class StackConfig:
     ray_port: int = 6379
     ray_dashboard_port: int = 8265
     ray_client_port: int = 10001
-    ray_agent_port: int = 52365
+    # Not Ray's default 52365: every local ray.init() takes that one for its own dashboard agent, and the
+    # stack must run beside such clusters (tests start some while it is up).
+    ray_agent_port: int = 52385
     seaweed_master_port: int = 9333
     seaweed_volume_port: int = 9340
     seaweed_filer_port: int = 8888

@@ -1,0 +1,412 @@
+"""The ingest job on Ray Data: URL + caption lists to WebDataset tars and Parquet, one shard per unit of work.
+
+It runs top to bottom like the pipeline:
+  1. plan       split the input into shards (same rows every time); committed shards are skipped
+  2. url dedup  over the whole input, first occurrence by input order wins (hash-partitioned on Ray)
+  3. stage      per shard: read rows, download, decode + resize, filter -> staged Parquet with image bytes
+  4. clip score optional, per staged shard, in an actor pool (GPUs when asked for)
+  5. dedup      content duplicates (sha256) over the whole run, first occurrence by input order wins
+  6. write      per shard: tar + parquet + stats (the commit), then the staged file goes
+  7. manifest   totals, summary table, MLflow
+Content dedup needs every shard's bytes before any shard can be final, hence the staging step. A job killed at
+any moment resumes from what was staged or committed, and gives the rows an uninterrupted run gives.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from pipelines import storage
+from pipelines.ingest import dedup, reader, writer
+from pipelines.ingest.config import IngestConfig
+from pipelines.ingest.downloader import Downloader
+from pipelines.ingest.filters import FILTERED, SUCCESS, ClipScorer, FilterConfig, filter_reasons
+from pipelines.ingest.resizer import Resizer
+
+STAGING_DIR = "_staging"
+# Rows downloaded together; the next chunk downloads while this one is decoded and resized.
+DOWNLOAD_CHUNK = 256
+SUMMARY_EVERY_S = 5.0
+RESULT_COLUMNS = (
+    "status",
+    "error_message",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "sha256",
+    "image",
+    "image_ext",
+)
+
+
+def staged_uri(output: str, shard_id: int) -> str:
+    return storage.join(output, STAGING_DIR, f"{writer.shard_name(shard_id)}.parquet")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. stage: the per-shard work, usable without Ray (tests call it directly)
+
+
+@dataclass
+class ShardStager:
+    """Downloads, decodes, resizes and filters the rows of one shard. One per worker: the downloader keeps its
+    connections and event loop across shards."""
+
+    cfg: IngestConfig
+    downloader: Downloader = field(init=False)
+    resizer: Resizer = field(init=False)
+
+    def __post_init__(self) -> None:
+        import cv2
+
+        # One decode thread per worker: Ray already runs a worker per core.
+        cv2.setNumThreads(1)
+        self.downloader = Downloader(self.cfg.downloader_config())
+        self.resizer = Resizer(self.cfg.resizer_config())
+        self.filter_config = FilterConfig(**self.cfg.filters.model_dump(exclude={"clip_score"}))
+
+    def stage(self, spec: reader.ShardSpec, url_duplicates: pa.Table) -> pa.Table:
+        table = reader.read_shard(self.cfg, spec)
+        nulls = pa.nulls(table.num_rows, pa.string())
+        table = table.append_column("status", nulls).append_column("error_message", nulls)
+        if self.cfg.dedup.urls:
+            table = dedup.apply_duplicates(table, url_duplicates, "url")
+        rows = table.to_pylist()
+        pending = [i for i, row in enumerate(rows) if row["status"] is None]
+        chunks = [pending[i : i + DOWNLOAD_CHUNK] for i in range(0, len(pending), DOWNLOAD_CHUNK)]
+        with ThreadPoolExecutor(1) as prefetch:
+            future = prefetch.submit(self._download, rows, chunks[0]) if chunks else None
+            for n, chunk in enumerate(chunks):
+                results = future.result()
+                if n + 1 < len(chunks):
+                    future = prefetch.submit(self._download, rows, chunks[n + 1])
+                for i, result in zip(chunk, results):
+                    self._decode_and_filter(rows[i], result)
+        for row in rows:
+            for column in RESULT_COLUMNS:
+                row.setdefault(column, None)
+        return pa.Table.from_pylist(rows, schema=_staged_schema(table.schema))
+
+    def _download(self, rows: list[dict], chunk: list[int]):
+        return self.downloader.download_batch([rows[i]["url"] for i in chunk])
+
+    def _decode_and_filter(self, row: dict, download) -> None:
+        if download.status != SUCCESS:
+            row["status"], row["error_message"] = download.status, download.error_message
+            return
+        image = self.resizer(download.body)
+        row.update(
+            status=image.status,
+            error_message=image.error_message,
+            width=image.width,
+            height=image.height,
+            original_width=image.original_width,
+            original_height=image.original_height,
+            sha256=image.sha256,
+            image=image.image if image.status == SUCCESS else None,
+            image_ext=image.format if image.status == SUCCESS else None,
+        )
+        if image.status == SUCCESS:
+            reasons = filter_reasons(
+                image.original_width, image.original_height, row["caption"], self.filter_config
+            )
+            if reasons:
+                row.update(status=FILTERED, error_message="; ".join(reasons), image=None, image_ext=None)
+
+    def close(self) -> None:
+        self.downloader.close()
+
+
+def _staged_schema(read_schema: pa.Schema) -> pa.Schema:
+    fields = [f for f in read_schema if f.name not in ("status", "error_message")]
+    fields += [
+        pa.field("status", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("width", pa.int64()),
+        pa.field("height", pa.int64()),
+        pa.field("original_width", pa.int64()),
+        pa.field("original_height", pa.int64()),
+        pa.field("sha256", pa.string()),
+        pa.field("image", pa.binary()),
+        pa.field("image_ext", pa.string()),
+    ]
+    return pa.schema(fields)
+
+
+def write_table(uri: str, table: pa.Table) -> None:
+    """Publish a Parquet file atomically: it appears whole or not at all."""
+    with storage.open_write(uri) as out:
+        pq.write_table(table, out)
+
+
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    with storage.open_read(uri) as source:
+        return pq.read_table(io.BytesIO(source.read()), columns=columns)
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as stream:
+        stream.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _from_ipc(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(data).read_all()
+
+
+class StageShards:
+    """Ray Data UDF for step 3: one item is one shard; returns its counts by status."""
+
+    def __init__(self, cfg_yaml: str, specs: dict[int, reader.ShardSpec]):
+        self.cfg = IngestConfig.from_yaml(cfg_yaml)
+        self.specs = specs
+        self.stager = ShardStager(self.cfg)
+
+    def __call__(self, item: dict) -> dict:
+        started = time.time()
+        table = self.stager.stage(self.specs[item["shard_id"]], _from_ipc(item["url_duplicates"]))
+        write_table(staged_uri(self.cfg.output, item["shard_id"]), table)
+        counts = Counter(table["status"].to_pylist())
+        return {"shard_id": item["shard_id"], "counts": json.dumps(counts), "seconds": time.time() - started}
+
+
+class ScoreShards:
+    """Ray Data actor-pool UDF for step 4: adds `clip_score` to a staged shard and filters below threshold."""
+
+    def __init__(self, cfg_yaml: str, device: str):
+        self.cfg = IngestConfig.from_yaml(cfg_yaml)
+        score = self.cfg.filters.clip_score
+        self.scorer = ClipScorer(score.checkpoint, score.model, score.threshold, score.batch_size, device)
+
+    def __call__(self, item: dict) -> dict:
+        uri = staged_uri(self.cfg.output, item["shard_id"])
+        table = read_table(uri)
+        if "clip_score" not in table.column_names:
+            scored = self.scorer(table.to_pandas())
+            table = pa.Table.from_pandas(scored, preserve_index=False)
+            write_table(uri, table)
+        return {"shard_id": item["shard_id"]}
+
+
+class WriteShards:
+    """Ray Data UDF for step 6: marks content duplicates, writes and commits the final shard."""
+
+    def __init__(self, cfg_yaml: str):
+        self.cfg = IngestConfig.from_yaml(cfg_yaml)
+
+    def __call__(self, item: dict) -> dict:
+        uri = staged_uri(self.cfg.output, item["shard_id"])
+        table = read_table(uri)
+        if self.cfg.dedup.content:
+            table = dedup.apply_duplicates(table, _from_ipc(item["content_duplicates"]), "content")
+        stats = writer.write_shard(self.cfg.output, item["shard_id"], table)
+        storage.delete(uri)
+        return {"shard_id": item["shard_id"], "counts": json.dumps(stats["counts"])}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2 and 5: run-wide deduplication keys
+
+
+class ReadUrls:
+    def __init__(self, cfg_yaml: str, specs: dict[int, reader.ShardSpec]):
+        self.cfg = IngestConfig.from_yaml(cfg_yaml)
+        self.specs = specs
+
+    def __call__(self, batch: dict) -> pa.Table:
+        tables = [reader.read_shard(self.cfg, self.specs[int(s)]) for s in batch["shard_id"]]
+        return pa.concat_tables([t.select(["row_index", "key", "url"]) for t in tables])
+
+
+class ReadHashes:
+    """(row_index, key, sha256, status) of every downloaded row, from staged or committed shards. In committed
+    shards a content duplicate was a success before dedup; URL duplicates have no sha256, so they stay out."""
+
+    def __init__(self, output: str):
+        self.output = output
+
+    def __call__(self, batch: dict) -> pa.Table:
+        tables = []
+        for shard_id, committed in zip(batch["shard_id"], batch["committed"]):
+            columns = ["row_index", "key", "sha256", "status"]
+            if committed:
+                table = read_table(writer.parquet_uri(self.output, int(shard_id)), columns)
+                status = table["status"].to_pylist()
+                sha = table["sha256"].to_pylist()
+                status = [SUCCESS if s == "duplicate" and h is not None else s for s, h in zip(status, sha)]
+                table = table.set_column(3, "status", pa.array(status, pa.string()))
+            else:
+                table = read_table(staged_uri(self.output, int(shard_id)), columns)
+            tables.append(table)
+        return pa.concat_tables(tables)
+
+
+def run_wide_duplicates(ds, kind: str, num_partitions: int) -> pa.Table:
+    return dedup.collect_duplicates(dedup.find_duplicates_on_ray(ds, kind, num_partitions))
+
+
+def split_by_shard(duplicates: pa.Table, samples_per_shard: int, shard_ids) -> dict[int, bytes]:
+    shard_of = pc.divide(duplicates["row_index"], samples_per_shard).to_pylist()
+    rows: dict[int, list[int]] = {}
+    for i, shard_id in enumerate(shard_of):
+        rows.setdefault(shard_id, []).append(i)
+    return {s: _ipc(duplicates.take(pa.array(rows.get(s, []), pa.int64()))) for s in shard_ids}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The job
+
+
+@dataclass
+class Progress:
+    started: float = field(default_factory=time.time)
+    counts: Counter = field(default_factory=Counter)
+    last_print: float = 0.0
+
+    def add(self, counts: dict, force: bool = False) -> None:
+        self.counts.update(counts)
+        now = time.time()
+        if force or now - self.last_print >= SUMMARY_EVERY_S:
+            self.last_print = now
+            done = sum(self.counts.values())
+            elapsed = max(now - self.started, 1e-9)
+            success = self.counts.get(SUCCESS, 0)
+            failures = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()) if k != SUCCESS)
+            print(
+                f"[ingest] {done} rows, {success / elapsed:.1f} images/s, success rate "
+                f"{success / max(done, 1):.1%}; {failures or 'no failures'}",
+                flush=True,
+            )
+
+
+def run(cfg: IngestConfig) -> dict:
+    """Run the whole ingest job; returns the manifest. Needs a Ray cluster (ray.init() is called if none)."""
+    started = time.time()
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    if cfg.incremental_mode == "overwrite":
+        storage.delete(cfg.output, recursive=True)
+    storage.write_bytes(storage.join(cfg.output, "config.yaml"), cfg.to_yaml().encode())
+    cfg_yaml = cfg.to_yaml()
+    workers = cfg.concurrency.download_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    # 1. plan
+    specs = {spec.shard_id: spec for spec in reader.plan_shards(cfg)}
+    committed = writer.committed_shards(cfg.output) & set(specs)
+    staged = {s for s in specs if s not in committed and storage.exists(staged_uri(cfg.output, s))}
+    to_stage = sorted(set(specs) - committed - staged)
+    print(
+        f"[ingest] {len(specs)} shards of up to {cfg.samples_per_shard} rows: {len(committed)} committed, "
+        f"{len(staged)} staged, {len(to_stage)} to download",
+        flush=True,
+    )
+    partitions = max(1, min(64, len(specs)))
+
+    # 2. url dedup over the whole input
+    if cfg.dedup.urls and to_stage:
+        urls = ray.data.from_items([{"shard_id": s} for s in sorted(specs)]).map_batches(
+            ReadUrls,
+            fn_constructor_kwargs={"cfg_yaml": cfg_yaml, "specs": specs},
+            batch_size=1,
+            concurrency=1,
+        )
+        url_duplicates = run_wide_duplicates(urls, "url", partitions)
+    else:
+        url_duplicates = dedup.DUPLICATES_SCHEMA.empty_table()
+    by_shard = split_by_shard(url_duplicates, cfg.samples_per_shard, to_stage)
+
+    # 3. stage
+    progress = Progress()
+    if to_stage:
+        items = [{"shard_id": s, "url_duplicates": by_shard[s]} for s in to_stage]
+        staging = ray.data.from_items(items).map(
+            StageShards,
+            fn_constructor_kwargs={"cfg_yaml": cfg_yaml, "specs": specs},
+            concurrency=min(workers, len(items)),
+            num_cpus=1,
+        )
+        for result in staging.iter_rows():
+            progress.add(json.loads(result["counts"]))
+        progress.add({}, force=True)
+
+    # 4. clip score
+    pending = sorted(set(specs) - committed)
+    score = cfg.filters.clip_score
+    if score is not None and pending:
+        use_gpu = score.use_gpu and ray.cluster_resources().get("GPU", 0) > 0
+        scoring = ray.data.from_items([{"shard_id": s} for s in pending]).map(
+            ScoreShards,
+            fn_constructor_kwargs={"cfg_yaml": cfg_yaml, "device": "cuda" if use_gpu else "cpu"},
+            concurrency=max(1, int(ray.cluster_resources().get("GPU", 0))) if use_gpu else 1,
+            num_gpus=1 if use_gpu else 0,
+        )
+        for _ in scoring.iter_rows():
+            pass
+
+    # 5. content dedup over the whole run
+    if cfg.dedup.content and pending:
+        items = [{"shard_id": s, "committed": s in committed} for s in sorted(specs)]
+        hashes = ray.data.from_items(items).map_batches(
+            ReadHashes, fn_constructor_kwargs={"output": cfg.output}, batch_size=1, concurrency=1
+        )
+        content_duplicates = run_wide_duplicates(hashes, "content", partitions)
+    else:
+        content_duplicates = dedup.DUPLICATES_SCHEMA.empty_table()
+    by_shard = split_by_shard(content_duplicates, cfg.samples_per_shard, pending)
+
+    # 6. write
+    if pending:
+        items = [{"shard_id": s, "content_duplicates": by_shard[s]} for s in pending]
+        writing = ray.data.from_items(items).map(
+            WriteShards,
+            fn_constructor_kwargs={"cfg_yaml": cfg_yaml},
+            concurrency=min(workers, len(items)),
+            num_cpus=1,
+        )
+        for _ in writing.iter_rows():
+            pass
+
+    # 7. manifest
+    manifest = writer.write_manifest(cfg.output, expected_shards=len(specs))
+    manifest["seconds"] = round(time.time() - started, 1)
+    return manifest
+
+
+def print_summary(cfg: IngestConfig, manifest: dict) -> None:
+    totals = {k: v for k, v in manifest["totals"].items() if k != "count"}
+    rows = manifest["totals"]["count"]
+    print("\n| status | rows | share |\n|---|---:|---:|")
+    for status, count in totals.items():
+        print(f"| {status} | {count} | {count / max(rows, 1):.1%} |")
+    seconds = manifest["seconds"]
+    rate = totals.get(SUCCESS, 0) / seconds if seconds else math.nan
+    print(f"\n{rows} input rows, {totals.get(SUCCESS, 0)} images in {seconds}s ({rate:.1f} images/s)")
+    print(f"output: {cfg.output} ({len(manifest['shards'])} shards, manifest.json, config.yaml)")
+
+
+def log_to_mlflow(cfg: IngestConfig, manifest: dict) -> None:
+    import mlflow
+
+    mlflow.set_experiment(cfg.mlflow_experiment)
+    with mlflow.start_run(run_name="ingest"):
+        mlflow.log_text(cfg.to_yaml(), "config.yaml")
+        mlflow.log_params({"input": cfg.input, "output": cfg.output, "image_size": cfg.image_size})
+        mlflow.log_metrics({f"rows/{status}": n for status, n in manifest["totals"].items()})
+        mlflow.log_metric("seconds", manifest["seconds"])
+        reasons: Counter = Counter()
+        for shard in manifest["shards"]:
+            reasons.update(writer.read_shard_stats(cfg.output, shard["shard_id"])["status_dict"])
+        mlflow.log_dict(dict(reasons.most_common()), "failures_by_reason.json")

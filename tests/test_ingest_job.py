@@ -1,0 +1,265 @@
+"""The ingest job end to end: real HTTP on loopback (drawn scenes plus hostile files and endpoints), every
+input row accounted for, duplicates and failures as rows, output read back with webdataset, a run killed
+with SIGKILL resumed to the same result, and S3 output through `ray job submit` on the local stack."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import webdataset as wds
+from PIL import Image
+
+from pipelines import scenes, storage
+from pipelines.ingest import job, writer
+from pipelines.ingest.config import load_config
+from tests.http_fixtures import HttpTestServer
+
+NUM_SCENES = 40
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A static site of scene JPEGs and hostile files, and an aiohttp server of hostile endpoints."""
+    root = tmp_path_factory.mktemp("site")
+    captions = {}
+    for i in range(NUM_SCENES):
+        scene = scenes.make_scene(i, seed=5, size=(64 + 9 * i, 48 + 5 * i))
+        scene.image.save(root / f"scene{i}.jpg", quality=90)
+        captions[f"scene{i}.jpg"] = scene.caption
+    for i in (100, 101, 102):
+        scenes.make_scene(i, seed=5, size=(80, 80)).image.save(root / f"scene{i}.jpg", quality=90)
+    (root / "copy_of_scene3.jpg").write_bytes((root / "scene3.jpg").read_bytes())
+    (root / "page.jpg").write_bytes(b"<!doctype html><html><body>not an image</body></html>")
+    (root / "truncated.jpg").write_bytes((root / "scene7.jpg").read_bytes()[:300])
+    (root / "garbage.jpg").write_bytes(os.urandom(2000))
+    Image.new("RGB", (10, 10), (9, 9, 9)).save(root / "tiny.jpg")
+    Image.new("RGB", (400, 40), (90, 9, 9)).save(root / "wide.jpg")
+    # A PNG header claiming 100k x 100k pixels: refused from the header, never decoded.
+    (root / "bomb.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x01\x86\xa0\x00\x01\x86\xa0\x08\x02\x00\x00\x00\x00\x00\x00\x00"
+    )
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=root)
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    hostile = HttpTestServer().start()
+    yield {"base": f"http://127.0.0.1:{server.server_address[1]}", "hostile": hostile, "captions": captions}
+    server.shutdown()
+    hostile.stop()
+
+
+def input_rows(site) -> list[dict]:
+    """Rows in input order with the status each must end with."""
+    base = site["base"]
+    rows = [
+        {"url": f"{base}/scene{i}.jpg", "caption": site["captions"][f"scene{i}.jpg"], "expect": "success"}
+        for i in range(NUM_SCENES)
+    ]
+    rows += [
+        {"url": f"{base}/scene5.jpg", "caption": "the same url again", "expect": "duplicate"},
+        {"url": f"{base}/copy_of_scene3.jpg", "caption": "same bytes, other url", "expect": "duplicate"},
+        {"url": f"{base}/page.jpg", "caption": "html served as jpeg", "expect": "failed_to_decode"},
+        {"url": f"{base}/truncated.jpg", "caption": "cut short", "expect": "failed_to_decode"},
+        {"url": f"{base}/garbage.jpg", "caption": "random bytes", "expect": "failed_to_decode"},
+        {"url": f"{base}/bomb.png", "caption": "decompression bomb", "expect": "failed_to_decode"},
+        {"url": f"{base}/tiny.jpg", "caption": "a tiny image", "expect": "filtered"},
+        {"url": f"{base}/wide.jpg", "caption": "a very wide image", "expect": "filtered"},
+        {"url": f"{base}/missing.jpg", "caption": "404", "expect": "failed_to_download"},
+        {"url": site["hostile"].url("/slow-drip"), "caption": "slow drip", "expect": "failed_to_download"},
+        {"url": site["hostile"].url("/loop/a"), "caption": "redirect loop", "expect": "failed_to_download"},
+        {
+            "url": "http://169.254.169.254/latest/meta-data/",
+            "caption": "metadata",
+            "expect": "failed_to_download",
+        },
+        {"url": "file:///etc/passwd", "caption": "not http", "expect": "failed_to_download"},
+        {"url": "http://", "caption": "malformed", "expect": "failed_to_download"},
+        {"url": None, "caption": "no url", "expect": "failed_to_download"},
+        {"url": f"{base}/scene100.jpg", "caption": None, "expect": "success"},
+        {"url": f"{base}/scene101.jpg", "caption": "word " * 20000, "expect": "success"},
+        {
+            "url": f"{base}/scene102.jpg",
+            "caption": "un chat 🐱 sur le toit, ça va",
+            "expect": "success",
+        },
+    ]
+    for i, row in enumerate(rows):
+        row["uid"] = f"uid-{i:03d}"
+    return rows
+
+
+def write_input(rows: list[dict], path: Path) -> str:
+    pq.write_table(pa.Table.from_pylist([{k: r[k] for k in ("url", "caption", "uid")} for r in rows]), path)
+    return str(path)
+
+
+def ingest_args(input_uri: str, output_uri: str) -> list[str]:
+    return [
+        "--input", input_uri, "--output", output_uri, "--samples-per-shard", "10", "--image-size", "32",
+        "--resize-mode", "keep_ratio", "--allow-private-networks", "--min-image-size", "16",
+        "--max-aspect-ratio", "4", "--set", "download.timeout_s=3", "--set", "download.max_retries=0",
+    ]  # fmt: skip
+
+
+def output_rows(output_uri: str) -> list[dict]:
+    manifest = writer.read_manifest(output_uri)
+    tables = [job.read_table(writer.parquet_uri(output_uri, s["shard_id"])) for s in manifest["shards"]]
+    return pa.concat_tables(tables, promote_options="default").sort_by("row_index").to_pylist()
+
+
+def tar_samples(output_uri: str) -> dict[str, dict]:
+    """Every sample of every committed tar, read with webdataset (from a local copy for S3 output)."""
+    samples = {}
+    with tempfile.TemporaryDirectory() as local:
+        for shard in writer.read_manifest(output_uri)["shards"]:
+            path = Path(local, f"{shard['shard_id']}.tar")
+            path.write_bytes(storage.read_bytes(writer.tar_uri(output_uri, shard["shard_id"])))
+            for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
+                samples[sample["__key__"]] = sample
+    return samples
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(site, local_ray, tmp_path_factory):
+    rows = input_rows(site)
+    tmp = tmp_path_factory.mktemp("ingest")
+    cfg = load_config(ingest_args(write_input(rows, tmp / "input.parquet"), str(tmp / "out")))
+    manifest = job.run(cfg)
+    return rows, str(tmp / "out"), manifest
+
+
+def test_every_input_row_is_one_output_row_with_the_expected_status(uninterrupted):
+    rows, output, manifest = uninterrupted
+    out = output_rows(output)
+    assert [r["row_index"] for r in out] == list(range(len(rows)))
+    assert [r["uid"] for r in out] == [r["uid"] for r in rows]
+    mismatched = [
+        (r["url"], o["status"], o["error_message"]) for r, o in zip(rows, out) if o["status"] != r["expect"]
+    ]
+    assert not mismatched
+    assert all(o["error_message"] for o in out if o["status"] != "success")
+    assert manifest["complete"] and manifest["totals"]["count"] == len(rows)
+
+
+def test_duplicates_name_the_first_occurrence_which_is_kept(uninterrupted):
+    rows, output, _ = uninterrupted
+    out = {r["uid"]: r for r in output_rows(output)}
+    url_dup = out[f"uid-{NUM_SCENES:03d}"]
+    assert "row_index 5" in url_dup["error_message"] and url_dup["sha256"] is None
+    content_dup = out[f"uid-{NUM_SCENES + 1:03d}"]
+    assert "row_index 3" in content_dup["error_message"]
+    assert content_dup["sha256"] == out["uid-003"]["sha256"]
+
+
+def test_tars_hold_exactly_the_success_rows_resized(uninterrupted):
+    _, output, _ = uninterrupted
+    out = output_rows(output)
+    samples = tar_samples(output)
+    assert sorted(samples) == sorted(r["key"] for r in out if r["status"] == "success")
+    for row in out:
+        if row["status"] != "success":
+            continue
+        sample = samples[row["key"]]
+        image = Image.open(io.BytesIO(sample["jpg"]))
+        assert min(image.size) == 32 and image.size == (row["width"], row["height"])
+        assert sample["txt"].decode() == (row["caption"] or "")
+        assert json.loads(sample["json"])["uid"] == row["uid"]
+
+
+def _run_ingest(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines.ingest", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # so that SIGKILL reaches the whole Ray runtime the job started
+    )
+
+
+def test_a_run_killed_mid_way_resumes_to_the_uninterrupted_result(uninterrupted, site, tmp_path):
+    rows, reference, _ = uninterrupted
+    output = str(tmp_path / "out")
+    args = ingest_args(write_input(rows, tmp_path / "input.parquet"), output) + [
+        "--set",
+        "concurrency.download_workers=1",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")} | {
+        "RAY_AUTH_MODE": "disabled"
+    }
+    first = _run_ingest(args, env)
+    deadline = time.time() + 240
+    # Kill once some shard is staged or committed, and before the run finishes.
+    while time.time() < deadline and first.poll() is None:
+        staged = (
+            storage.list_files(storage.join(output, job.STAGING_DIR))
+            if Path(output, job.STAGING_DIR).exists()
+            else []
+        )
+        if staged or writer.committed_shards(output):
+            break
+        time.sleep(0.2)
+    assert first.poll() is None, "the first run ended before it could be killed:\n" + first.stdout.read()
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not Path(output, "manifest.json").exists()
+
+    second = _run_ingest(args, env)
+    log, _ = second.communicate(timeout=400)
+    assert second.returncode == 0, log
+    ours = [(r["key"], r["sha256"], r["status"]) for r in output_rows(output)]
+    theirs = [(r["key"], r["sha256"], r["status"]) for r in output_rows(reference)]
+    assert ours == theirs
+    assert sorted(tar_samples(output)) == sorted(tar_samples(reference))
+
+
+def test_ingest_through_ray_job_submit_reads_and_writes_the_s3_store(
+    site, local_stack, local_stack_env, s3_prefix
+):
+    rows = input_rows(site)[:NUM_SCENES] + input_rows(site)[NUM_SCENES : NUM_SCENES + 3]
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([{k: r[k] for k in ("url", "caption", "uid")} for r in rows]), buffer)
+    input_uri = storage.join(s3_prefix, "input", "pairs.parquet")
+    storage.write_bytes(input_uri, buffer.getvalue())
+    output = storage.join(s3_prefix, "shards")
+    command = [
+        sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", local_stack.config.ray_dashboard_url,
+        "--", sys.executable, "-m", "pipelines.ingest", *ingest_args(input_uri, output),
+    ]  # fmt: skip
+    job_run = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, **local_stack_env}, timeout=600
+    )
+    assert job_run.returncode == 0, job_run.stdout + job_run.stderr
+    assert "| success |" in job_run.stdout
+    out = output_rows(output)
+    assert [r["status"] for r in out] == [r["expect"] for r in rows]
+    assert storage.exists(storage.join(output, "config.yaml"))
+    assert sorted(tar_samples(output)) == sorted(r["key"] for r in out if r["status"] == "success")

@@ -17,13 +17,16 @@ import threading
 import time
 from pathlib import Path
 
+import mlflow
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 import webdataset as wds
 from PIL import Image
 
+import clip_core
 from pipelines import scenes, storage
 from pipelines.ingest import job, writer
 from pipelines.ingest.config import load_config
@@ -253,6 +256,7 @@ def test_ingest_through_ray_job_submit_reads_and_writes_the_s3_store(
     command = [
         sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", local_stack.config.ray_dashboard_url,
         "--", sys.executable, "-m", "pipelines.ingest", *ingest_args(input_uri, output),
+        "--mlflow-experiment", "tests-ingest",
     ]  # fmt: skip
     job_run = subprocess.run(
         command, capture_output=True, text=True, env={**os.environ, **local_stack_env}, timeout=600
@@ -263,3 +267,38 @@ def test_ingest_through_ray_job_submit_reads_and_writes_the_s3_store(
     assert [r["status"] for r in out] == [r["expect"] for r in rows]
     assert storage.exists(storage.join(output, "config.yaml"))
     assert sorted(tar_samples(output)) == sorted(r["key"] for r in out if r["status"] == "success")
+
+    runs = mlflow.search_runs(experiment_names=["tests-ingest"], filter_string=f"params.output = '{output}'")
+    assert len(runs) == 1
+    assert runs.iloc[0]["metrics.rows/success"] == sum(r["status"] == "success" for r in out)
+    assert runs.iloc[0]["metrics.rows/count"] == len(rows)
+
+
+def test_clip_score_filter_scores_every_image_and_filters_below_the_threshold(site, local_ray, tmp_path):
+    checkpoint = tmp_path / "tiny.pt"
+    torch.manual_seed(0)
+    clip_core.save_checkpoint(clip_core.create_model("ViT-Tiny-16"), checkpoint)
+    rows = input_rows(site)[:12]
+    args = ingest_args(write_input(rows, tmp_path / "input.parquet"), str(tmp_path / "out"))
+    args += [
+        "--set",
+        f"filters.clip_score={{checkpoint: '{checkpoint}', model: ViT-Tiny-16, threshold: 0.0}}",
+    ]
+    job.run(load_config(args))
+    out = output_rows(str(tmp_path / "out"))
+    scored = [r for r in out if r["clip_score"] is not None]
+    assert len(scored) == 12
+    below = [r for r in scored if r["clip_score"] < 0.0]
+    assert all(r["status"] == "filtered" and "clip" in r["error_message"].lower() for r in below)
+    assert all(r["status"] == "success" for r in scored if r["clip_score"] >= 0.0)
+    # Same model, same preprocessing: the stored score is the cosine clip_core computes.
+    model = clip_core.create_model("ViT-Tiny-16", pretrained=str(checkpoint)).eval()
+    first = next(r for r in scored if r["status"] == "success")
+    sample = tar_samples(str(tmp_path / "out"))[first["key"]]
+    with torch.no_grad():
+        image = clip_core.image_transform(64, is_train=False)(Image.open(io.BytesIO(sample["jpg"])))
+        feats = (
+            model.encode_image(image[None], normalize=True)
+            @ model.encode_text(clip_core.tokenize([first["caption"]]), normalize=True).T
+        )
+    assert first["clip_score"] == pytest.approx(feats.item(), abs=1e-4)

@@ -302,3 +302,16 @@ def test_clip_score_filter_scores_every_image_and_filters_below_the_threshold(si
             @ model.encode_text(clip_core.tokenize([first["caption"]]), normalize=True).T
         )
     assert first["clip_score"] == pytest.approx(feats.item(), abs=1e-4)
+
+
+def test_cluster_wide_dedup_gives_the_same_rows_as_dedup_in_the_driver(
+    uninterrupted, local_ray, tmp_path, monkeypatch
+):
+    # Large runs hash-partition dedup keys across the cluster; force that path on the small input.
+    monkeypatch.setattr(job, "DRIVER_DEDUP_MAX_ROWS", 0)
+    rows, reference, _ = uninterrupted
+    output = str(tmp_path / "out")
+    job.run(load_config(ingest_args(write_input(rows, tmp_path / "input.parquet"), output)))
+    ours = [(r["key"], r["sha256"], r["status"], r["error_message"]) for r in output_rows(output)]
+    theirs = [(r["key"], r["sha256"], r["status"], r["error_message"]) for r in output_rows(reference)]
+    assert ours == theirs

@@ -38,6 +38,8 @@ STAGING_DIR = "_staging"
 # Rows downloaded together; the next chunk downloads while this one is decoded and resized.
 DOWNLOAD_CHUNK = 256
 SUMMARY_EVERY_S = 5.0
+# Up to this many input rows, run-wide dedup gathers its keys in the driver instead of shuffling on Ray.
+DRIVER_DEDUP_MAX_ROWS = 5_000_000
 RESULT_COLUMNS = (
     "status",
     "error_message",
@@ -254,8 +256,16 @@ class ReadHashes:
         return pa.concat_tables(tables)
 
 
-def run_wide_duplicates(ds, kind: str, num_partitions: int) -> pa.Table:
-    return dedup.collect_duplicates(dedup.find_duplicates_on_ray(ds, kind, num_partitions))
+def run_wide_duplicates(read_keys, items: list[dict], kind: str, num_rows: int) -> pa.Table:
+    """Duplicates over the whole run. Up to DRIVER_DEDUP_MAX_ROWS rows the keys are gathered in the driver
+    (a shuffle costs more than it saves there); above, they are hash-partitioned across the cluster."""
+    if num_rows <= DRIVER_DEDUP_MAX_ROWS:
+        with ThreadPoolExecutor(16) as pool:
+            tables = list(pool.map(lambda item: read_keys({k: [v] for k, v in item.items()}), items))
+        return dedup.find_duplicates(pa.concat_tables(tables), dedup.KEY_COLUMNS[kind])
+    ds = ray.data.from_items(items).map_batches(read_keys, batch_size=1, batch_format="numpy")
+    partitions = max(1, min(256, num_rows // 1_000_000))
+    return dedup.collect_duplicates(dedup.find_duplicates_on_ray(ds, kind, partitions))
 
 
 def split_by_shard(duplicates: pa.Table, samples_per_shard: int, shard_ids) -> dict[int, bytes]:
@@ -303,29 +313,31 @@ def run(cfg: IngestConfig) -> dict:
     cfg_yaml = cfg.to_yaml()
     workers = cfg.concurrency.download_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
 
+    last = [time.time()]
+
+    def phase(name: str, detail: str = "") -> None:
+        now = time.time()
+        print(f"[ingest] {name} done in {now - last[0]:.1f}s" + (f": {detail}" if detail else ""), flush=True)
+        last[0] = now
+
     # 1. plan
     specs = {spec.shard_id: spec for spec in reader.plan_shards(cfg)}
+    num_rows = sum(spec.num_rows for spec in specs.values())
     committed = writer.committed_shards(cfg.output) & set(specs)
     staged = {s for s in specs if s not in committed and storage.exists(staged_uri(cfg.output, s))}
     to_stage = sorted(set(specs) - committed - staged)
-    print(
-        f"[ingest] {len(specs)} shards of up to {cfg.samples_per_shard} rows: {len(committed)} committed, "
+    phase(
+        "plan",
+        f"{num_rows} rows in {len(specs)} shards of up to {cfg.samples_per_shard}: {len(committed)} committed, "
         f"{len(staged)} staged, {len(to_stage)} to download",
-        flush=True,
     )
-    partitions = max(1, min(64, len(specs)))
 
     # 2. url dedup over the whole input
+    url_duplicates = dedup.DUPLICATES_SCHEMA.empty_table()
     if cfg.dedup.urls and to_stage:
-        urls = ray.data.from_items([{"shard_id": s} for s in sorted(specs)]).map_batches(
-            ReadUrls,
-            fn_constructor_kwargs={"cfg_yaml": cfg_yaml, "specs": specs},
-            batch_size=1,
-            concurrency=1,
-        )
-        url_duplicates = run_wide_duplicates(urls, "url", partitions)
-    else:
-        url_duplicates = dedup.DUPLICATES_SCHEMA.empty_table()
+        items = [{"shard_id": s} for s in sorted(specs)]
+        url_duplicates = run_wide_duplicates(ReadUrls(cfg_yaml, specs), items, "url", num_rows)
+        phase("url dedup", f"{url_duplicates.num_rows} repeated urls")
     by_shard = split_by_shard(url_duplicates, cfg.samples_per_shard, to_stage)
 
     # 3. stage
@@ -341,6 +353,7 @@ def run(cfg: IngestConfig) -> dict:
         for result in staging.iter_rows():
             progress.add(json.loads(result["counts"]))
         progress.add({}, force=True)
+        phase("download, decode, resize, filter")
 
     # 4. clip score
     pending = sorted(set(specs) - committed)
@@ -355,16 +368,14 @@ def run(cfg: IngestConfig) -> dict:
         )
         for _ in scoring.iter_rows():
             pass
+        phase("clip score")
 
     # 5. content dedup over the whole run
+    content_duplicates = dedup.DUPLICATES_SCHEMA.empty_table()
     if cfg.dedup.content and pending:
         items = [{"shard_id": s, "committed": s in committed} for s in sorted(specs)]
-        hashes = ray.data.from_items(items).map_batches(
-            ReadHashes, fn_constructor_kwargs={"output": cfg.output}, batch_size=1, concurrency=1
-        )
-        content_duplicates = run_wide_duplicates(hashes, "content", partitions)
-    else:
-        content_duplicates = dedup.DUPLICATES_SCHEMA.empty_table()
+        content_duplicates = run_wide_duplicates(ReadHashes(cfg.output), items, "content", num_rows)
+        phase("content dedup", f"{content_duplicates.num_rows} repeated images")
     by_shard = split_by_shard(content_duplicates, cfg.samples_per_shard, pending)
 
     # 6. write
@@ -378,6 +389,7 @@ def run(cfg: IngestConfig) -> dict:
         )
         for _ in writing.iter_rows():
             pass
+        phase("write shards")
 
     # 7. manifest
     manifest = writer.write_manifest(cfg.output, expected_shards=len(specs))

@@ -40,17 +40,8 @@ DOWNLOAD_CHUNK = 256
 SUMMARY_EVERY_S = 5.0
 # Up to this many input rows, run-wide dedup gathers its keys in the driver instead of shuffling on Ray.
 DRIVER_DEDUP_MAX_ROWS = 5_000_000
-RESULT_COLUMNS = (
-    "status",
-    "error_message",
-    "width",
-    "height",
-    "original_width",
-    "original_height",
-    "sha256",
-    "image",
-    "image_ext",
-)
+# What stage 3 adds to each row (the CLIP score comes later, in stage 4).
+RESULT_COLUMNS = tuple(c for c in reader.OUTPUT_COLUMNS if c != "clip_score")
 
 
 def staged_uri(output: str, shard_id: int) -> str:
@@ -88,6 +79,7 @@ class ShardStager:
         rows = table.to_pylist()
         pending = [i for i, row in enumerate(rows) if row["status"] is None]
         chunks = [pending[i : i + DOWNLOAD_CHUNK] for i in range(0, len(pending), DOWNLOAD_CHUNK)]
+        progress = Progress(prefix=f"[ingest shard {spec.shard_id}]")
         with ThreadPoolExecutor(1) as prefetch:
             future = prefetch.submit(self._download, rows, chunks[0]) if chunks else None
             for n, chunk in enumerate(chunks):
@@ -96,6 +88,8 @@ class ShardStager:
                     future = prefetch.submit(self._download, rows, chunks[n + 1])
                 for i, result in zip(chunk, results):
                     self._decode_and_filter(rows[i], result)
+                # Workers' output reaches the driver's log, so long shards show progress every few seconds.
+                progress.add(Counter(rows[i]["status"] for i in chunk))
         for row in rows:
             for column in RESULT_COLUMNS:
                 row.setdefault(column, None)
@@ -132,19 +126,13 @@ class ShardStager:
 
 
 def _staged_schema(read_schema: pa.Schema) -> pa.Schema:
-    fields = [f for f in read_schema if f.name not in ("status", "error_message")]
-    fields += [
-        pa.field("status", pa.string()),
-        pa.field("error_message", pa.string()),
-        pa.field("width", pa.int64()),
-        pa.field("height", pa.int64()),
-        pa.field("original_width", pa.int64()),
-        pa.field("original_height", pa.int64()),
-        pa.field("sha256", pa.string()),
-        pa.field("image", pa.binary()),
-        pa.field("image_ext", pa.string()),
-    ]
-    return pa.schema(fields)
+    """The reader's columns, then the result columns typed as the writer types them, plus the image bytes."""
+    typed = {f.name: f.with_nullable(True) for f in writer.TRAILING_FIELDS} | {
+        "image": pa.field("image", pa.binary())
+    }
+    return pa.schema(
+        [f for f in read_schema if f.name not in RESULT_COLUMNS] + [typed[c] for c in RESULT_COLUMNS]
+    )
 
 
 def write_table(uri: str, table: pa.Table) -> None:
@@ -282,6 +270,7 @@ def split_by_shard(duplicates: pa.Table, samples_per_shard: int, shard_ids) -> d
 
 @dataclass
 class Progress:
+    prefix: str = "[ingest]"
     started: float = field(default_factory=time.time)
     counts: Counter = field(default_factory=Counter)
     last_print: float = 0.0
@@ -296,7 +285,7 @@ class Progress:
             success = self.counts.get(SUCCESS, 0)
             failures = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()) if k != SUCCESS)
             print(
-                f"[ingest] {done} rows, {success / elapsed:.1f} images/s, success rate "
+                f"{self.prefix} {done} rows, {success / elapsed:.1f} images/s, success rate "
                 f"{success / max(done, 1):.1%}; {failures or 'no failures'}",
                 flush=True,
             )

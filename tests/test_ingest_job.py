@@ -170,6 +170,7 @@ def test_every_input_row_is_one_output_row_with_the_expected_status(uninterrupte
     assert not mismatched
     assert all(o["error_message"] for o in out if o["status"] != "success")
     assert manifest["complete"] and manifest["totals"]["count"] == len(rows)
+    assert not storage.list_files(storage.join(output, job.STAGING_DIR))
 
 
 def test_duplicates_name_the_first_occurrence_which_is_kept(uninterrupted):

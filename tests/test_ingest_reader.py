@@ -1,10 +1,12 @@
 """The ingest reader: every input format, folders and globs, carried columns, the deterministic shard split and
-its keys, job-level input errors, and S3 input through the real local stack."""
+its keys, the Parquet copy of text inputs, job-level input errors, and S3 input through the real local stack."""
 
 import csv
 import gzip
 import io
 import json
+import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,6 +15,7 @@ import pytest
 from pipelines import storage
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.reader import (
+    INPUT_CACHE_DIR,
     InputError,
     list_input_files,
     plan_shards,
@@ -50,8 +53,19 @@ def write(path, rows, fmt, gz=False):
     return path
 
 
+# Planning copies text inputs into the output folder; each test gets its own (set by the fixture below).
+OUTPUT = {}
+
+
+@pytest.fixture(autouse=True)
+def output_folder(tmp_path):
+    OUTPUT["uri"] = str(tmp_path / "out")
+    yield OUTPUT["uri"]
+    OUTPUT.clear()
+
+
 def config(input_uri, **overrides):
-    return IngestConfig(input=str(input_uri), output="/nonexistent/out", **overrides)
+    return IngestConfig(input=str(input_uri), output=OUTPUT["uri"], **overrides)
 
 
 def read_all(cfg):
@@ -237,6 +251,106 @@ def test_text_quoting_csv_newlines_and_tsv_stray_quotes(tmp_path):
     _, [shard] = read_all(config(tsv_path))
     assert shard["url"].to_pylist() == ["http://a/1", "http://a/2"]
     assert shard["caption"].to_pylist() == ['"starts with a quote', 'the "movie" poster']
+
+
+def mixed_jsonl_rows(n, start=0):
+    """Rows whose keys and value types change along the file: a slice's types depend on its own rows."""
+    rows = []
+    for i in range(start, start + n):
+        row = {"url": f"http://example.com/{i}.jpg", "caption": f"thing {i}", "n": i if i % 7 else str(i)}
+        if i >= start + 5:
+            row["late_key"] = i * 0.5
+        if i % 4 == 0:
+            row["tags"] = ["a", i]
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("samples_per_shard", [3, 4, 10])
+def test_parquet_copy_of_text_inputs_gives_the_same_shards_as_streaming_the_text(tmp_path, samples_per_shard):
+    folder = tmp_path / "in"
+    write(folder / "a.csv", make_rows(7), "csv")
+    write(folder / "b.tsv.gz", make_rows(5, start=7), "tsv", gz=True)
+    write(folder / "c.jsonl", mixed_jsonl_rows(9, start=12), "jsonl")
+    write(folder / "d.jsonl.gz", mixed_jsonl_rows(6, start=21), "jsonl", gz=True)
+    write(folder / "e.csv.gz", make_rows(4, start=27), "csv", gz=True)
+    write(folder / "f.tsv", make_rows(3, start=31), "tsv")
+    write(folder / "g.parquet", make_rows(5, start=34), "parquet")
+    cfg = config(folder, samples_per_shard=samples_per_shard)
+    streamed = plan_shards(cfg, cache_text=False)
+    cached = plan_shards(cfg)
+    assert all(piece.file.cached is None for spec in streamed for piece in spec.slices)
+    cache_dir = os.path.join(cfg.output, INPUT_CACHE_DIR)
+    for spec in cached:
+        for piece in spec.slices:
+            if piece.file.format == "parquet":
+                assert piece.file.cached is None
+            else:
+                assert piece.file.cached.startswith(cache_dir) and os.path.exists(piece.file.cached)
+    # Same split, same files, same row counts, same columns and types: only where the rows are read differs.
+    strip = lambda specs: [  # noqa: E731
+        (
+            s.shard_id,
+            s.first_row_index,
+            s.num_rows,
+            s.text_columns,
+            [(p.file.uri, p.start, p.num_rows) for p in s.slices],
+        )
+        for s in specs
+    ]
+    assert strip(cached) == strip(streamed)
+    assert [p.file.columns for s in cached for p in s.slices] == [
+        p.file.columns for s in streamed for p in s.slices
+    ]
+    assert len(cached) == -(-39 // samples_per_shard) and any(len(s.slices) > 1 for s in cached)
+    for cached_spec, streamed_spec in zip(cached, streamed, strict=True):
+        from_copy, from_text = read_shard(cfg, cached_spec), read_shard(cfg, streamed_spec)
+        assert from_copy.schema == from_text.schema
+        assert from_copy.equals(from_text)
+    # Shards may disagree on a JSONL column's type (as when streaming); the rows themselves are all there.
+    everything = pa.concat_tables([read_shard(cfg, s).select(["row_index", "url"]) for s in cached])
+    assert everything["row_index"].to_pylist() == list(range(39))
+    assert everything["url"].to_pylist() == [f"http://example.com/{i}.jpg" for i in range(39)]
+    # The copy holds row groups of samples_per_shard rows, so a slice reads at most the groups it overlaps.
+    copy = pq.ParquetFile(cache_dir + "/00000.parquet").metadata
+    assert [copy.row_group(i).num_rows for i in range(copy.num_row_groups)] == [
+        min(samples_per_shard, 7 - i) for i in range(0, 7, samples_per_shard)
+    ]
+
+
+def test_parquet_copy_is_reused_by_the_next_plan_and_redone_when_the_source_changes(tmp_path):
+    path = write(tmp_path / "urls.tsv", make_rows(6), "tsv")
+    cfg = config(path, samples_per_shard=4)
+    first = plan_shards(cfg)
+    copy = os.path.join(cfg.output, INPUT_CACHE_DIR, "00000.parquet")
+    marker = os.path.join(cfg.output, INPUT_CACHE_DIR, "00000.json")
+    assert (
+        json.loads(Path(marker).read_text())["source"]["uri"] == str(path)
+        and json.loads(Path(marker).read_text())["num_rows"] == 6
+    )
+    stamp = os.stat(copy).st_mtime_ns
+    # Make the source unreadable as TSV without changing its size or time: a reused copy never reads it.
+    data, times = path.read_bytes(), os.stat(path)
+    path.write_bytes(b"\xff" * len(data))
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+    second = plan_shards(cfg)
+    assert second == first and os.stat(copy).st_mtime_ns == stamp
+    assert pa.concat_tables([read_shard(cfg, s) for s in second])["url"].to_pylist() == [
+        r["url"] for r in make_rows(6)
+    ]
+    # A different source under the same input index (more rows): converted again.
+    write(tmp_path / "urls.tsv", make_rows(9), "tsv")
+    third = plan_shards(cfg)
+    assert [s.num_rows for s in third] == [4, 4, 1]
+    assert json.loads(Path(marker).read_text())["num_rows"] == 9
+    assert pa.concat_tables([read_shard(cfg, s) for s in third])["url"].to_pylist() == [
+        r["url"] for r in make_rows(9)
+    ]
+    # An unfinished conversion (copy written, marker not yet) is done again rather than trusted.
+    os.remove(marker)
+    os.remove(copy)
+    plan_shards(cfg)
+    assert os.path.exists(copy) and os.path.exists(marker)
 
 
 def test_job_level_input_errors_are_one_clear_sentence(tmp_path):

@@ -382,6 +382,11 @@ def run(cfg: IngestConfig) -> dict:
 
     # 7. manifest
     manifest = writer.write_manifest(cfg.output, expected_shards=len(specs))
+    if manifest["complete"]:
+        # A kill between a shard's commit and the removal of its staged file can leave one behind; the
+        # Parquet copies of text inputs are only needed until every shard is in.
+        storage.delete(storage.join(cfg.output, STAGING_DIR), recursive=True)
+        storage.delete(storage.join(cfg.output, reader.INPUT_CACHE_DIR), recursive=True)
     manifest["seconds"] = round(time.time() - started, 1)
     return manifest
 

@@ -1,6 +1,7 @@
 """Ingest stage 1: read URL+caption lists (Parquet, CSV, TSV, JSONL; plain or gzip) from a file, folder or glob,
 local or S3, and split them into deterministic shards: shard N holds the input rows whose row_index lies in
 [N * samples_per_shard, (N + 1) * samples_per_shard), counting files in sorted path order and rows in file order.
+Text files are copied once into Parquet under the output (_input_cache/), so a shard reads only its row groups.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import concurrent.futures
 import itertools
 import json
 import re
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,11 @@ CSV_BLOCK_BYTES = 1 << 22
 # JSONL keys are looked for in this many leading rows when checking that the url column exists.
 JSONL_SCHEMA_PROBE_ROWS = 1000
 INSPECT_THREADS = 16
+# Text inputs are converted once to Parquet here (inside the output), one file per input file.
+INPUT_CACHE_DIR = "_input_cache"
+# A JSONL file's cached copy keeps each line's raw bytes: types are inferred per slice, exactly as from the text.
+JSONL_LINE_COLUMN = "line"
+JSONL_LINES_PER_BATCH = 8192
 
 
 class InputError(ValueError):
@@ -65,6 +72,8 @@ class InputFile:
     num_rows: int
     columns: tuple[str, ...]  # source column names (for JSONL: the keys seen in the first rows)
     column_types: tuple[str, ...] = ()  # their Arrow types as text, "null" where unknown
+    # A Parquet copy of a text file (see cache_text_file); when set, slices are read from it, not from `uri`.
+    cached: str | None = None
 
 
 @dataclass(frozen=True)
@@ -292,25 +301,37 @@ def _parse_json_line(line: bytes, uri: str, row: int) -> dict:
     return value
 
 
+def _read_parquet_rows(uri: str, start: int, num_rows: int) -> pa.Table:
+    """Rows [start, start + num_rows) of a Parquet file; only the row groups that overlap them are read."""
+    end = start + num_rows
+    fs, path = storage.pyarrow_filesystem(uri)
+    with fs.open_input_file(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        groups, group_start, first_row = [], 0, None
+        for i in range(parquet.metadata.num_row_groups):
+            group_rows = parquet.metadata.row_group(i).num_rows
+            if group_start < end and group_start + group_rows > start:
+                groups.append(i)
+                first_row = group_start if first_row is None else first_row
+            group_start += group_rows
+        table = parquet.read_row_groups(groups) if groups else parquet.schema_arrow.empty_table()
+        return table.slice(start - (first_row or 0), num_rows)
+
+
 def read_slice(piece: FileSlice) -> pa.Table:
     """The source rows of one file slice, with the file's own column names."""
     f = piece.file
     end = piece.start + piece.num_rows
     try:
         if f.format == "parquet":
-            fs, path = storage.pyarrow_filesystem(f.uri)
-            with fs.open_input_file(path) as handle:
-                parquet = pq.ParquetFile(handle)
-                # Only the row groups that overlap the slice are read.
-                groups, group_start, first_row = [], 0, None
-                for i in range(parquet.metadata.num_row_groups):
-                    group_rows = parquet.metadata.row_group(i).num_rows
-                    if group_start < end and group_start + group_rows > piece.start:
-                        groups.append(i)
-                        first_row = group_start if first_row is None else first_row
-                    group_start += group_rows
-                table = parquet.read_row_groups(groups) if groups else parquet.schema_arrow.empty_table()
-                return table.slice(piece.start - (first_row or 0), piece.num_rows)
+            return _read_parquet_rows(f.uri, piece.start, piece.num_rows)
+        if f.cached is not None and f.format in ("csv", "tsv"):
+            # Already every column as text, in the order of the header.
+            return _read_parquet_rows(f.cached, piece.start, piece.num_rows)
+        if f.cached is not None and f.format == "jsonl":
+            lines = _read_parquet_rows(f.cached, piece.start, piece.num_rows)[JSONL_LINE_COLUMN].to_pylist()
+            rows = [_parse_json_line(line, f.uri, piece.start + i) for i, line in enumerate(lines)]
+            return _table_from_json_rows(rows, f.columns)
         if f.format in ("csv", "tsv"):
             batches, seen = [], 0
             for batch in _csv_batches(f.uri, f.format, f.compression, f.columns):
@@ -349,6 +370,115 @@ def _table_from_json_rows(rows: list[dict], known_keys: tuple[str, ...]) -> pa.T
             )
     # Never empty: planning checked that the url column is among the known keys.
     return pa.table(columns)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text files as Parquet: a text file can only be read from its start, so reading every shard's slice straight
+# from it would cost work that grows with the square of its size. One pass copies it into row groups instead.
+
+
+def cache_uri(output_uri: str, index: int) -> str:
+    """Where the Parquet copy of the index-th input file (in input order) lives inside the output."""
+    return storage.join(output_uri, INPUT_CACHE_DIR, f"{index:05d}.parquet")
+
+
+def _marker_uri(parquet_uri: str) -> str:
+    return parquet_uri.removesuffix(".parquet") + ".json"
+
+
+def _write_row_groups(
+    batches: Iterator[pa.RecordBatch], schema: pa.Schema, path: Path, rows_per_group: int
+) -> int:
+    """Stream batches into a Parquet file whose row groups hold rows_per_group rows (the last fewer)."""
+    num_rows = 0
+    with pq.ParquetWriter(path, schema) as out:
+        pending: list[pa.RecordBatch] = []
+        pending_rows = 0
+        for batch in batches:
+            pending.append(batch)
+            pending_rows += batch.num_rows
+            num_rows += batch.num_rows
+            while pending_rows >= rows_per_group:
+                table = pa.Table.from_batches(pending, schema)
+                out.write_table(table.slice(0, rows_per_group), row_group_size=rows_per_group)
+                rest = table.slice(rows_per_group)
+                pending, pending_rows = rest.to_batches(), rest.num_rows
+        if pending_rows:
+            out.write_table(pa.Table.from_batches(pending, schema), row_group_size=rows_per_group)
+    return num_rows
+
+
+def cache_text_file(
+    uri: str, fmt: str, compression: str | None, parquet_uri: str, rows_per_group: int
+) -> InputFile:
+    """Copy a CSV/TSV/JSONL file (plain or gzip) once into Parquet at parquet_uri and describe it.
+
+    CSV/TSV become string columns, as read_slice reads them from the text; JSONL keeps each line's bytes, so
+    that a slice's columns and types are inferred from its own rows exactly as from the text. A JSON marker
+    beside the copy, written last, records the source (URI, size, modification time): a later call for the
+    same source reuses the copy without reading the source, and an unfinished conversion is done again.
+    The file is streamed batch by batch into a local scratch file, never held in memory whole.
+    """
+    marker_uri = _marker_uri(parquet_uri)
+    try:
+        fs, path = storage.pyarrow_filesystem(uri)
+        info = fs.get_file_info(path)
+        source = {
+            "uri": uri,
+            "format": fmt,
+            "compression": compression,
+            "size": info.size,
+            "mtime_ns": info.mtime_ns,
+        }
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(f"cannot read {uri}: {e}") from None
+    if storage.exists(marker_uri):
+        marker = json.loads(storage.read_bytes(marker_uri))
+        if marker.get("source") == source and storage.exists(parquet_uri):
+            columns, types = tuple(marker["columns"]), tuple(marker["column_types"])
+            return InputFile(uri, fmt, compression, marker["num_rows"], columns, types, parquet_uri)
+        # Another source (the input changed): the copy is stale until the new marker is written.
+        storage.delete(marker_uri)
+    with tempfile.TemporaryDirectory(prefix="input-cache-") as scratch:
+        local = Path(scratch) / "rows.parquet"
+        try:
+            if fmt in ("csv", "tsv"):
+                columns = _csv_header(uri, fmt, compression)
+                schema = pa.schema([(name, pa.string()) for name in columns])
+                batches = _csv_batches(uri, fmt, compression, columns)
+                num_rows = _write_row_groups(batches, schema, local, rows_per_group)
+                types = ("string",) * len(columns)
+            elif fmt == "jsonl":
+                schema = pa.schema([(JSONL_LINE_COLUMN, pa.binary())])
+                probe: list[dict] = []
+
+                def line_batches() -> Iterator[pa.RecordBatch]:
+                    lines = _jsonl_lines(uri, compression)
+                    while chunk := list(itertools.islice(lines, JSONL_LINES_PER_BATCH)):
+                        # Column names come from the leading rows, as inspect_file finds them.
+                        for line in chunk[: max(JSONL_SCHEMA_PROBE_ROWS - len(probe), 0)]:
+                            probe.append(_parse_json_line(line, uri, len(probe)))
+                        yield pa.record_batch([pa.array(chunk, pa.binary())], schema=schema)
+
+                num_rows = _write_row_groups(line_batches(), schema, local, rows_per_group)
+                probe_schema = _table_from_json_rows(probe, ()).schema
+                columns, types = tuple(probe_schema.names), tuple(map(str, probe_schema.types))
+            else:
+                raise InputError(f"unsupported text input format {fmt!r}; use csv, tsv or jsonl")
+        except InputError:
+            raise
+        except (OSError, pa.ArrowException, EOFError) as e:
+            raise InputError(f"cannot read {uri} as {fmt}{' (gzip)' if compression else ''}: {e}") from None
+        storage.publish_file(local, parquet_uri)
+    marker = {
+        "source": source,
+        "num_rows": num_rows,
+        "columns": list(columns),
+        "column_types": list(types),
+        "row_group_rows": rows_per_group,
+    }
+    storage.write_bytes(marker_uri, json.dumps(marker, indent=1).encode())
+    return InputFile(uri, fmt, compression, num_rows, columns, types, parquet_uri)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -421,11 +551,21 @@ def _check_columns(f: InputFile, cfg: IngestConfig) -> None:
             )
 
 
-def inspect_input(cfg: IngestConfig) -> list[InputFile]:
-    """Every input file with its row count, in input order; checks the url/caption columns exist."""
+def inspect_input(cfg: IngestConfig, cache_text: bool = True) -> list[InputFile]:
+    """Every input file with its row count, in input order; checks the url/caption columns exist.
+
+    cache_text: copy each text file once into Parquet under the output (see cache_text_file), so that its
+    slices are read by row group; without it every slice streams its text file from the start.
+    """
     found = list_input_files(cfg.input, cfg.input_format)
+
+    def inspect(index: int, uri: str, fmt: str, compression: str | None) -> InputFile:
+        if cache_text and fmt != "parquet":
+            return cache_text_file(uri, fmt, compression, cache_uri(cfg.output, index), cfg.samples_per_shard)
+        return inspect_file(uri, fmt, compression)
+
     with concurrent.futures.ThreadPoolExecutor(min(INSPECT_THREADS, len(found))) as pool:
-        files = list(pool.map(lambda item: inspect_file(*item), found))
+        files = list(pool.map(lambda item: inspect(item[0], *item[1]), enumerate(found)))
     for f in files:
         _check_columns(f, cfg)
     if sum(f.num_rows for f in files) == 0:
@@ -433,12 +573,13 @@ def inspect_input(cfg: IngestConfig) -> list[InputFile]:
     return files
 
 
-def plan_shards(cfg: IngestConfig) -> list[ShardSpec]:
+def plan_shards(cfg: IngestConfig, cache_text: bool = True) -> list[ShardSpec]:
     """Split the whole input into shards of samples_per_shard rows (the last may be smaller).
 
-    Only row counts are gathered (Parquet metadata; one streaming pass over text files), never all rows.
+    Only row counts are gathered (Parquet metadata; one streaming pass over text files, which also copies
+    them into Parquet under the output unless cache_text is False), never all rows.
     """
-    files = inspect_input(cfg)
+    files = inspect_input(cfg, cache_text)
     spp = cfg.samples_per_shard
     types_seen: dict[str, set[str]] = {}
     for f in files:

@@ -355,8 +355,7 @@ def run(cfg: IngestConfig) -> dict:
             concurrency=max(1, int(ray.cluster_resources().get("GPU", 0))) if use_gpu else 1,
             num_gpus=1 if use_gpu else 0,
         )
-        for _ in scoring.iter_rows():
-            pass
+        scoring.materialize()
         phase("clip score")
 
     # 5. content dedup over the whole run
@@ -376,8 +375,7 @@ def run(cfg: IngestConfig) -> dict:
             concurrency=min(workers, len(items)),
             num_cpus=1,
         )
-        for _ in writing.iter_rows():
-            pass
+        writing.materialize()
         phase("write shards")
 
     # 7. manifest

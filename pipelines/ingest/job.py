@@ -37,6 +37,7 @@ from pipelines.ingest.resizer import Resizer
 STAGING_DIR = "_staging"
 # Rows downloaded together; the next chunk downloads while this one is decoded and resized.
 DOWNLOAD_CHUNK = 256
+DECODE_THREADS = 2
 SUMMARY_EVERY_S = 5.0
 # Up to this many input rows, run-wide dedup gathers its keys in the driver instead of shuffling on Ray.
 DRIVER_DEDUP_MAX_ROWS = 5_000_000
@@ -80,14 +81,15 @@ class ShardStager:
         pending = [i for i, row in enumerate(rows) if row["status"] is None]
         chunks = [pending[i : i + DOWNLOAD_CHUNK] for i in range(0, len(pending), DOWNLOAD_CHUNK)]
         progress = Progress(prefix=f"[ingest shard {spec.shard_id}]")
-        with ThreadPoolExecutor(1) as prefetch:
+        with ThreadPoolExecutor(1) as prefetch, ThreadPoolExecutor(DECODE_THREADS) as decode:
             future = prefetch.submit(self._download, rows, chunks[0]) if chunks else None
             for n, chunk in enumerate(chunks):
                 results = future.result()
                 if n + 1 < len(chunks):
                     future = prefetch.submit(self._download, rows, chunks[n + 1])
-                for i, result in zip(chunk, results):
-                    self._decode_and_filter(rows[i], result)
+                # Decoding releases the GIL, so a second thread keeps both cores busy when this worker runs a
+                # run's last shard alone.
+                list(decode.map(self._decode_and_filter, [rows[i] for i in chunk], results))
                 # Workers' output reaches the driver's log, so long shards show progress every few seconds.
                 progress.add(Counter(rows[i]["status"] for i in chunk))
         for row in rows:

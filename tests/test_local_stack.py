@@ -40,6 +40,25 @@ def _free_ports(count: int, with_grpc_twin: bool = False) -> list[int]:
     return chosen
 
 
+def _config_on_free_ports(**settings) -> stack.StackConfig:
+    """A stack config whose every port is free now and differs from the shared stack's."""
+    s3, master, volume, filer, admin = _free_ports(5, with_grpc_twin=True)
+    mlflow_port, ray_port, dashboard, client, agent = _free_ports(5)
+    return stack.StackConfig(
+        s3_port=s3,
+        seaweed_master_port=master,
+        seaweed_volume_port=volume,
+        seaweed_filer_port=filer,
+        seaweed_admin_port=admin,
+        mlflow_port=mlflow_port,
+        ray_port=ray_port,
+        ray_dashboard_port=dashboard,
+        ray_client_port=client,
+        ray_agent_port=agent,
+        **settings,
+    )
+
+
 def _cli(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "infra.local", *args],
@@ -58,21 +77,12 @@ def _listening(port: int) -> bool:
 def test_fresh_stack_starts_from_nothing_restarts_as_noop_and_stops_without_orphans(tmp_path):
     # A long state dir path on purpose: Ray's sockets must then move to a short directory under /tmp.
     state_dir = tmp_path / "a-fresh-state-directory-with-a-long-name"
-    s3, master, volume, filer, admin = _free_ports(5, with_grpc_twin=True)
-    mlflow_port, ray_port, dashboard, client, agent = _free_ports(5)
-    config = stack.StackConfig(
-        s3_port=s3,
-        seaweed_master_port=master,
-        seaweed_volume_port=volume,
-        seaweed_filer_port=filer,
-        seaweed_admin_port=admin,
-        mlflow_port=mlflow_port,
-        ray_port=ray_port,
-        ray_dashboard_port=dashboard,
-        ray_client_port=client,
-        ray_agent_port=agent,
-        ray_num_cpus=1,
-        ray_object_store_bytes=100 * 1024 * 1024,
+    config = _config_on_free_ports(ray_num_cpus=1, ray_object_store_bytes=100 * 1024 * 1024)
+    s3, mlflow_port, ray_port, dashboard = (
+        config.s3_port,
+        config.mlflow_port,
+        config.ray_port,
+        config.ray_dashboard_port,
     )
     flags = [
         f"--{name.replace('_', '-')}={value}" for name, value in vars(config).items() if value is not None
@@ -279,15 +289,8 @@ def test_a_service_refuses_to_start_on_a_port_held_by_another_program(tmp_path, 
 
 
 def test_a_failed_start_stops_the_services_it_had_already_started(tmp_path):
-    s3, master, volume, filer, admin = _free_ports(5, with_grpc_twin=True)
-    config = stack.StackConfig(
-        s3_port=s3,
-        seaweed_master_port=master,
-        seaweed_volume_port=volume,
-        seaweed_filer_port=filer,
-        seaweed_admin_port=admin,
-        mlflow_port=_free_ports(1)[0],
-    )
+    config = _config_on_free_ports()
+    s3 = config.s3_port
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", config.mlflow_port))
         squatter.listen()

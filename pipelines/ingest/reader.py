@@ -7,6 +7,7 @@ Text files are copied once into Parquet under the output (_input_cache/), so a s
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import json
 import re
@@ -629,10 +630,8 @@ def _stack(tables: list[pa.Table]) -> pa.Table:
     """Concatenate the slices of a shard; files may disagree on a carried column's type."""
     if len(tables) == 1:
         return tables[0]
-    try:
+    with contextlib.suppress(pa.ArrowTypeError, pa.ArrowInvalid):
         return pa.concat_tables(tables, promote_options="permissive")
-    except (pa.ArrowTypeError, pa.ArrowInvalid):
-        pass
     # e.g. a number column from Parquet next to the same column as text from a CSV: keep both as text.
     types: dict[str, set[pa.DataType]] = {}
     for table in tables:

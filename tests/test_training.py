@@ -100,3 +100,19 @@ def test_bf16_autocast_step_runs_and_keeps_fp32_weights():
     loss = train_step(model, clip_core.ClipLoss(), optimizer, images, texts, precision="bf16")
     assert torch.isfinite(loss)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_warmup_cosine_schedule_matches_openclip_cosine_lr():
+    from open_clip_train.scheduler import cosine_lr
+
+    from clip_core.training import WarmupCosineSchedule
+
+    model = clip_core.create_model("ViT-Tiny-16")
+    ours, theirs = create_optimizer(model, lr=5e-4), create_optimizer(model, lr=5e-4)
+    schedule = WarmupCosineSchedule(ours, base_lr=5e-4, warmup_steps=10, total_steps=100)
+    their_schedule = cosine_lr(theirs, 5e-4, 10, 100)
+    for step in range(100):
+        assert schedule(step) == pytest.approx(their_schedule(step), rel=1e-12)
+        assert [g["lr"] for g in ours.param_groups] == pytest.approx([g["lr"] for g in theirs.param_groups])
+    assert schedule(0) == pytest.approx(5e-5) and schedule(9) == pytest.approx(5e-4)
+    assert schedule(99) < 1e-6

@@ -1,0 +1,1 @@
+"""Distributed CLIP pretraining on Ray Train (issue 4): config, input pipeline, checkpoints, tracking, job."""

@@ -1,0 +1,314 @@
+"""The training job's one typed configuration: loaded from YAML, overridden from the command line, validated
+before any worker starts, and dumped back to YAML verbatim (written to `{output}/train_config.yaml` and logged
+to MLflow). Defaults follow OpenCLIP's trainer for ViTs (lr 5e-4, betas 0.9/0.98, eps 1e-6, wd 0.2).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CHECKPOINTS_DIR = "checkpoints"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one sentence naming the field and the fix."""
+
+
+def _check_uri(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    # The config is dumped beside the output and logged to MLflow, so secrets must not live in it.
+    if "://" in value and urlsplit(value).password is not None:
+        raise ValueError("must not embed credentials; set them in the AWS_* environment variables instead")
+    return value
+
+
+class TrainConfig(BaseModel):
+    # A misspelt key must fail loudly rather than silently fall back to a default.
+    model_config = ConfigDict(extra="forbid")
+
+    data: list[str]  # ingest output folders, manifest.json URIs or brace patterns of tar URIs
+    model: str
+    steps: int = Field(gt=0)  # optimizer steps
+    batch_size: int = Field(gt=0)  # GLOBAL batch per optimizer step, as in the paper
+    workers: int = Field(1, gt=0)  # Ray Train workers (one per GPU with use_gpu)
+    output: str
+    experiment: str = "clip-ray-train"
+    run_name: str | None = None
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+    # Optimisation
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.2, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.98, ge=0, lt=1)
+    eps: float = Field(1e-6, gt=0)
+    # Linear warm-up steps before the cosine decay. None: OpenCLIP's 10,000, but at most a tenth of a short run.
+    warmup: int | None = Field(None, ge=0)
+    accum_steps: int = Field(1, gt=0)  # micro-batches per optimizer step, each keeping all negatives
+    precision: Literal["bf16", "fp32"] | None = None  # None: bf16 on GPU, fp32 on CPU
+    grad_checkpointing: bool = False
+    compile: bool = False
+    grad_clip_norm: float | None = Field(None, gt=0)
+    seed: int = 0
+
+    # Input pipeline (pipelines.train.data.TrainLoader)
+    loader_workers: int = Field(2, ge=0)  # decode/augment processes per training worker
+    shuffle_buffer: int = Field(2_000, ge=0)  # samples
+
+    # Checkpoints, recovery, tracking
+    checkpoint_every: int = Field(1_000, gt=0)
+    keep_last: int = Field(2, gt=0)  # newest complete checkpoints kept, besides the best one
+    best_metric: str = "loss"  # checkpoint.json metrics key ranking the checkpoint kept as best
+    best_mode: Literal["min", "max"] = "min"
+    resume: str | None = None  # a checkpoint folder to start from when the output has none yet
+    max_failures: int = Field(3, ge=-1)  # worker-group restarts Ray Train may do; -1 = unlimited
+    log_every: int = Field(10, gt=0)  # steps between metric logs
+    registered_model: str | None = None  # None: "clip-ray-<model>"
+    eval_config: str | None = None  # scheduled-eval suite config launched in the background
+    eval_every: int | None = Field(None, gt=0)
+
+    @field_validator("output", "resume", "eval_config")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        return None if value is None else _check_uri(value).rstrip("/")
+
+    @field_validator("data")
+    @classmethod
+    def _data_uris(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one ingest output, manifest or shard pattern")
+        return [_check_uri(v) for v in value]
+
+    @field_validator("run_name", "registered_model", "resume", "eval_config", mode="before")
+    @classmethod
+    def _empty_means_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.strip() in ("", "null", "none", "None") else value
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        import clip_core
+
+        if value not in clip_core.list_models():
+            raise ValueError(f"is not a known model; choose one of {', '.join(clip_core.list_models())}")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> TrainConfig:
+        per_step = self.workers * self.accum_steps
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be divisible by workers x accum_steps = {self.workers} x "
+                f"{self.accum_steps}, so that every worker's micro-batch has the same size"
+            )
+        if self.eval_every is not None and self.eval_config is None:
+            raise ValueError("eval_every is set but eval_config is not; give --eval-config FILE.yaml as well")
+        if self.eval_every is not None and self.eval_every % self.checkpoint_every:
+            raise ValueError(
+                f"eval_every {self.eval_every} must be a multiple of checkpoint_every {self.checkpoint_every}, "
+                "since evaluation reads the checkpoint written at that step"
+            )
+        if self.eval_config is not None and self.eval_every is None:
+            object.__setattr__(self, "eval_every", self.checkpoint_every)
+        if self.warmup is None:
+            object.__setattr__(self, "warmup", min(10_000, self.steps // 10))
+        elif self.warmup >= self.steps:
+            raise ValueError(
+                f"warmup {self.warmup} is not below steps {self.steps}: the learning rate would never reach "
+                "its peak; lower --warmup"
+            )
+        if self.precision is None:
+            # Store the resolved values so that the dumped config says exactly what ran.
+            object.__setattr__(self, "precision", "bf16" if self.use_gpu else "fp32")
+        if self.registered_model is None:
+            object.__setattr__(self, "registered_model", f"clip-ray-{self.model}")
+        if self.resume is not None and self.resume.rstrip("/") == self.output:
+            raise ValueError("resume points at the output folder itself; give one checkpoint folder under it")
+        return self
+
+    @property
+    def local_batch_size(self) -> int:
+        """Samples per worker per micro-batch."""
+        return self.batch_size // (self.workers * self.accum_steps)
+
+    @property
+    def checkpoints_uri(self) -> str:
+        from pipelines import storage
+
+        return storage.join(self.output, CHECKPOINTS_DIR)
+
+    # -----------------------------------------------------------------------------------------------------
+    # YAML in and out
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML, every field included, in declaration order."""
+        return yaml.safe_dump(self.model_dump(mode="python"), sort_keys=False, allow_unicode=True)
+
+    def flat_params(self) -> dict[str, str]:
+        """Every field as an MLflow param (lists joined, values stringified)."""
+        return {
+            k: ",".join(v) if isinstance(v, list) else str(v)
+            for k, v in self.model_dump(mode="python").items()
+        }
+
+    @classmethod
+    def from_yaml(cls, text: str) -> TrainConfig:
+        return validate_config(_parse_yaml(text, "the YAML text"))
+
+
+def _parse_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must hold a mapping of config fields, not a {type(data).__name__}")
+    return data
+
+
+def _read_yaml_file(uri: str) -> dict[str, Any]:
+    from pipelines import storage
+
+    try:
+        text = storage.read_bytes(uri).decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {uri} does not exist; check the --config path") from None
+    return _parse_yaml(text, f"config file {uri}")
+
+
+def validate_config(data: dict[str, Any]) -> TrainConfig:
+    """Build a TrainConfig, turning pydantic's errors into one sentence that names each bad field."""
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e)) from None
+
+
+def _explain(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"] if not isinstance(part, int))
+        flag = _FLAG_FOR_FIELD.get(field)
+        where = f"{field} (--{flag})" if flag else field or "the config"
+        if item["type"] == "missing":
+            problems.append(f"{where} is required")
+        elif item["type"] == "extra_forbidden":
+            problems.append(f"{where} is not a known field (misspelt?)")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            if isinstance(item.get("input"), dict):  # a check across fields: the message names them
+                problems.append(message)
+            else:
+                problems.append(f"{where} = {_redacted(item.get('input'))!r}: {message}")
+    return "Invalid training config: " + "; ".join(problems) + "."
+
+
+def _redacted(value: Any) -> Any:
+    # Error messages reach logs; a URI with an embedded password must not carry it there.
+    if isinstance(value, str) and "://" in value:
+        parts = urlsplit(value)
+        if parts.password is not None:
+            return value.replace(f":{parts.password}@", ":***@", 1)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line: flat options that override the YAML.
+
+# (flag, field, help). Values are parsed by pydantic, so errors name the config field.
+_OPTIONS = (
+    ("model", "model", "architecture name, e.g. ViT-B-32 (see clip_core.list_models())"),
+    ("steps", "steps", "optimizer steps to train for"),
+    ("batch-size", "batch_size", "GLOBAL batch size per optimizer step (over all workers and micro-batches)"),
+    ("workers", "workers", "Ray Train workers (one per GPU with --use-gpu)"),
+    ("output", "output", "output folder for checkpoints and the resolved config: local path or s3://"),
+    ("experiment", "experiment", "MLflow experiment"),
+    ("run-name", "run_name", "MLflow run name"),
+    ("cpus-per-worker", "cpus_per_worker", "CPUs reserved per training worker"),
+    ("lr", "lr", "peak learning rate"),
+    ("weight-decay", "weight_decay", "AdamW weight decay on weights (not on gains, biases, logit scale)"),
+    ("warmup", "warmup", "linear warm-up steps"),
+    ("accum-steps", "accum_steps", "micro-batches accumulated per optimizer step"),
+    ("precision", "precision", "bf16|fp32 (default: bf16 on GPU, fp32 on CPU)"),
+    ("grad-clip-norm", "grad_clip_norm", "clip the global gradient norm to this"),
+    ("seed", "seed", "seed of the weights and the data order"),
+    ("loader-workers", "loader_workers", "decode/augment processes per training worker"),
+    ("shuffle-buffer", "shuffle_buffer", "samples in each worker's shuffle buffer"),
+    ("checkpoint-every", "checkpoint_every", "steps between checkpoints"),
+    ("keep-last", "keep_last", "newest complete checkpoints kept (besides the best)"),
+    ("best-metric", "best_metric", "metric ranking the checkpoint kept as best"),
+    ("resume", "resume", "start from this checkpoint folder when the output has no checkpoint yet"),
+    ("max-failures", "max_failures", "worker-group restarts after failures (-1: unlimited)"),
+    ("log-every", "log_every", "steps between metric logs"),
+    ("registered-model", "registered_model", "MLflow registered model name for the final model"),
+    ("eval-config", "eval_config", "scheduled-eval config launched after checkpoints"),
+    ("eval-every", "eval_every", "steps between background evaluations (a multiple of --checkpoint-every)"),
+)
+_SWITCHES = (
+    ("use-gpu", "use_gpu", "one GPU per worker, NCCL, bf16 autocast"),
+    ("grad-checkpointing", "grad_checkpointing", "recompute activations in backward to save memory"),
+    ("compile", "compile", "torch.compile the model"),
+)
+_FLAG_FOR_FIELD = {path: flag for flag, path, _ in _OPTIONS + _SWITCHES} | {"data": "data"}
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.train",
+        description="CLIP contrastive pretraining on Ray Train from WebDataset shards.",
+    )
+    parser.add_argument(
+        "--config", help="YAML file (local or s3://) with the config; options below override it"
+    )
+    # Unset options stay absent from the namespace, so only what the user typed overrides the YAML.
+    parser.add_argument(
+        "--data", nargs="+", default=argparse.SUPPRESS, help="ingest outputs, manifests or tar patterns"
+    )
+    for flag, path, help_text in _OPTIONS:
+        parser.add_argument(f"--{flag}", dest=path, default=argparse.SUPPRESS, help=help_text)
+    for flag, path, help_text in _SWITCHES:
+        parser.add_argument(
+            f"--{flag}", dest=path, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+            help=help_text,
+        )  # fmt: skip
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override any field, e.g. --set shuffle_buffer=5000 (VALUE is YAML)",
+    )
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    """The validated config from `--config FILE.yaml` (optional) and command-line overrides."""
+    args = vars(build_arg_parser().parse_args(argv))
+    config_uri = args.pop("config", None)
+    overrides = args.pop("overrides")
+    data = _read_yaml_file(config_uri) if config_uri else {}
+    data.update(args)
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        if not sep or not path.strip():
+            raise ConfigError(f"--set {item!r} must look like FIELD=VALUE, e.g. --set shuffle_buffer=5000")
+        try:
+            data[path.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            data[path.strip()] = text
+    return validate_config(data)
+
+
+if __name__ == "__main__":
+    print(load_config().to_yaml(), end="")

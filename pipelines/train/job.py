@@ -1,0 +1,299 @@
+"""The training job on Ray Train: the driver validates the config, resolves the shards, opens the MLflow run
+and starts the workers; each worker runs `train_loop_per_worker` -- DDP over the clip_core model, shards
+streamed by pipelines.train.data, checkpoints in storage, and resume from the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from typing import Any
+
+import mlflow
+import torch
+import torch.distributed as dist
+
+import clip_core
+from clip_core.training import WarmupCosineSchedule, accumulated_train_step, create_optimizer
+from pipelines import storage
+from pipelines.train import checkpoints, tracking
+from pipelines.train.config import TrainConfig
+
+CONFIG_FILE = "train_config.yaml"
+WORKERS_DIR = "workers"  # one small file per rank: pid and node, for operators (and the fault test)
+
+
+class JobError(RuntimeError):
+    """The job cannot start with these inputs; the message says what to fix."""
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train to cfg.steps (resuming whatever the output already holds) and register the final model."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.train import data
+
+    # Problems with the inputs stop the job here, before any worker starts, with one sentence.
+    try:
+        shards = data.resolve_shards(cfg.data)
+        if cfg.resume is not None:
+            checkpoints.open_checkpoint(cfg.resume)
+        if cfg.eval_config is not None:
+            from pipelines.scheduled_eval import load_config as load_eval_config
+
+            load_eval_config(cfg.eval_config)  # its ConfigError is a ValueError with one sentence
+    except (ValueError, FileNotFoundError) as error:
+        raise JobError(str(error)) from None
+    storage.write_bytes(storage.join(cfg.output, CONFIG_FILE), cfg.to_yaml().encode())
+    started = time.time()
+    with tracking.start_or_resume_run(cfg, shards) as run:
+        mlflow.log_text(cfg.to_yaml(), CONFIG_FILE)
+        loop_config = {
+            "cfg": cfg.model_dump(mode="json"),
+            "shards": [(s.uri, s.num_samples) for s in shards],
+            "mlflow_run_id": run.info.run_id,
+            "mlflow_experiment_id": run.info.experiment_id,
+            "mlflow_tracking_uri": mlflow.get_tracking_uri(),
+        }
+        storage_fs, storage_path = storage.pyarrow_filesystem(storage.join(cfg.output, "ray"))
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=_worker_resources(cfg)
+            ),
+            run_config=ray.train.RunConfig(
+                # A fresh name per driver: Ray's own run state is per attempt; ours lives in checkpoints/.
+                name=f"train-{run.info.run_id[:8]}-{int(started)}",
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            ),
+        )
+        trainer.fit()
+        final = checkpoints.latest(cfg.checkpoints_uri)
+        if final is None or final.step < cfg.steps:
+            raise RuntimeError(
+                f"training ended without a checkpoint at step {cfg.steps} in {cfg.checkpoints_uri}"
+            )
+        version = tracking.register_final_model(final.model_uri, final.step, cfg.registered_model, final.info)
+    return {
+        "checkpoint": final.uri,
+        "step": final.step,
+        "metrics": final.info.get("metrics", {}),
+        "mlflow_run_id": run.info.run_id,
+        "mlflow_experiment_id": run.info.experiment_id,
+        "registered_model": f"{cfg.registered_model} v{version}",
+        "seconds": round(time.time() - started, 1),
+    }
+
+
+def _worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    return {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One training worker
+
+
+def _mean_over_workers(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor.tolist()
+
+
+def _start_checkpoint(cfg: TrainConfig) -> checkpoints.Checkpoint | None:
+    """The newest complete checkpoint of this output, else --resume, else None (a fresh start)."""
+    newest = checkpoints.latest(cfg.checkpoints_uri)
+    if newest is not None:
+        return newest
+    return checkpoints.open_checkpoint(cfg.resume) if cfg.resume else None
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from pipelines.train.data import Shard, TrainLoader, gather_positions
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    if not cfg.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    worker = {"pid": os.getpid(), "node": socket.gethostname(), "started_at": time.time()}
+    storage.write_bytes(
+        storage.join(cfg.output, WORKERS_DIR, f"rank_{rank}.json"), json.dumps(worker).encode()
+    )
+
+    torch.manual_seed(cfg.seed)
+    model = clip_core.create_model(cfg.model, device=device)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    optimizer = create_optimizer(
+        model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+    )
+    schedule = WarmupCosineSchedule(optimizer, cfg.lr, cfg.warmup, cfg.steps)
+    step, samples_seen, position = 0, 0, None
+    start = _start_checkpoint(cfg)
+    if start is not None:
+        model.load_state_dict(checkpoints.load_model_state(start))
+        state = checkpoints.load_train_state(start)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
+        step, samples_seen = state["step"], state["samples_seen"]
+        # Every rank's stream positions; the loader restarts the epoch if the split has changed.
+        position = state["data_position"]
+        if rank == 0:
+            print(f"resuming from {start.uri} at step {step}", flush=True)
+
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
+    loss_fn = clip_core.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
+
+    shards = [Shard(uri, count) for uri, count in config["shards"]]
+    epoch_samples = sum(count for _, count in config["shards"])
+    image_size = clip_core.get_model_config(cfg.model)["vision_cfg"]["image_size"]
+    loader = TrainLoader(
+        shards,
+        rank=rank,
+        world_size=world_size,
+        local_batch_size=cfg.local_batch_size,
+        image_size=image_size,
+        num_workers=cfg.loader_workers,
+        shuffle_buffer=cfg.shuffle_buffer,
+        seed=cfg.seed,
+        position=position,
+        pin_memory=device.type == "cuda",
+    )
+    batches = iter(loader)
+
+    if rank == 0:
+        mlflow.set_tracking_uri(config["mlflow_tracking_uri"])
+        tracking.open_from_worker(config["mlflow_run_id"])
+    info_base = {
+        "model": cfg.model,
+        "mlflow_run_id": config["mlflow_run_id"],
+        "mlflow_experiment_id": config["mlflow_experiment_id"],
+        "output": cfg.output,
+        "world_size": world_size,
+        "global_batch_size": cfg.batch_size,
+    }
+
+    log_losses, checkpoint_losses = [], []
+    # Checkpoint writing is paused time: samples/s and the data-wait share measure the training steps.
+    interval_start, interval_wait, interval_paused, interval_steps = time.perf_counter(), 0.0, 0.0, 0
+    while step < cfg.steps:
+        micro_batches = []
+        for _ in range(cfg.accum_steps):
+            wait_start = time.perf_counter()
+            images, texts = next(batches)
+            interval_wait += time.perf_counter() - wait_start
+            micro_batches.append((images.to(device, non_blocking=True), texts.to(device, non_blocking=True)))
+        lr = schedule(step)
+        loss = accumulated_train_step(
+            model,
+            loss_fn,
+            optimizer,
+            micro_batches,
+            precision=cfg.precision,
+            grad_clip_norm=cfg.grad_clip_norm,
+        )
+        step += 1
+        samples_seen += cfg.batch_size
+        interval_steps += 1
+        log_losses.append(loss)
+        checkpoint_losses.append(loss)
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            elapsed = time.perf_counter() - interval_start - interval_paused
+            local_loss = float(torch.stack(log_losses).float().mean())
+            loss_value, wait_fraction = _mean_over_workers([local_loss, interval_wait / elapsed], device)
+            if rank == 0:
+                metrics = {
+                    "loss": loss_value,
+                    "lr": lr,
+                    "logit_scale": raw_model.logit_scale.exp().item(),
+                    "samples_per_s": interval_steps * cfg.batch_size / elapsed,
+                    "step_time_s": elapsed / interval_steps,
+                    "data_wait_fraction": wait_fraction,
+                    "epoch": samples_seen / epoch_samples,
+                }
+                mlflow.log_metrics(metrics, step=step)
+                print(
+                    f"step {step}/{cfg.steps} loss {loss_value:.4f} lr {lr:.2e} "
+                    f"{metrics['samples_per_s']:.1f} samples/s data wait {wait_fraction:.1%}",
+                    flush=True,
+                )
+            log_losses.clear()
+            interval_start, interval_wait, interval_paused, interval_steps = time.perf_counter(), 0.0, 0.0, 0
+
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            checkpoint_start = time.perf_counter()
+            checkpoint_loss = _mean_over_workers(
+                [float(torch.stack(checkpoint_losses).float().mean())], device
+            )[0]
+            checkpoint_losses.clear()
+            data_position = gather_positions(loader)
+            corrupt = sum(p["corrupt"] for streams in data_position["ranks"].values() for p in streams)
+            metrics = {"loss": checkpoint_loss, "corrupt_samples": corrupt}
+            if rank == 0:
+                saved = checkpoints.save(
+                    cfg.checkpoints_uri,
+                    step,
+                    model_state=raw_model.state_dict(),
+                    train_state={
+                        "step": step,
+                        "samples_seen": samples_seen,
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": schedule.state_dict(),
+                        "scaler": None,  # bf16 autocast needs no loss scaling
+                        "data_position": data_position,
+                    },
+                    info={**info_base, "samples_seen": samples_seen, "epoch": samples_seen / epoch_samples,
+                          "metrics": metrics},
+                )  # fmt: skip
+                checkpoints.prune(cfg.checkpoints_uri, cfg.keep_last, cfg.best_metric, cfg.best_mode)
+                kept = [c.uri for c in checkpoints.list_complete(cfg.checkpoints_uri)]
+                tracking.log_checkpoint(saved.uri, kept)
+                mlflow.log_metric("checkpoint_time_s", time.perf_counter() - checkpoint_start, step=step)
+                print(f"checkpoint {saved.uri}", flush=True)
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    _launch_eval(cfg.eval_config)
+            # Checkpoints are NOT handed to Ray (no `checkpoint=`): ours, in the contract's layout with its
+            # commit marker, is what evaluation, --resume and restarts read, and rank 0 already wrote it;
+            # Ray would upload a second copy of every checkpoint to its storage_path for nothing.
+            # The report still gives Ray's dashboard the step and loss, and keeps the workers in step.
+            ray.train.report({"step": step, **metrics})
+            interval_paused += time.perf_counter() - checkpoint_start
+
+    if rank == 0:
+        mlflow.end_run()
+
+
+def _launch_eval(config_uri: str | None) -> None:
+    """Start one background evaluation pass; training goes on whatever happens to it."""
+    try:
+        from pipelines.scheduled_eval import launch_background_pass
+
+        launched = launch_background_pass(config_uri)
+        print(f"launched a background evaluation pass: {launched}", flush=True)
+    except Exception as error:  # noqa: BLE001 - an evaluation problem must never stop training
+        print(
+            f"warning: could not launch the scheduled evaluation ({type(error).__name__}: {error})",
+            flush=True,
+        )

@@ -54,3 +54,37 @@ def test_every_class_appears_in_a_few_hundred_scenes():
     drawn = [scenes.make_scene(i) for i in range(400)]
     assert {s.color for s in drawn} == set(scenes.COLORS)
     assert {s.shape for s in drawn} == set(scenes.SHAPES)
+
+
+def test_classification_folder_holds_every_class_balanced_with_names_and_templates(tmp_path):
+    from PIL import Image
+
+    classes = scenes.write_classification_folder(str(tmp_path), "shape", 19, seed=2, size=40)
+    assert classes == sorted(scenes.SHAPES)
+    assert (tmp_path / "classnames.txt").read_text().split("\n")[:-1] == classes
+    templates = (tmp_path / "zeroshot_classification_templates.txt").read_text().splitlines()
+    assert templates == list(scenes.SHAPE_PROMPTS) and all("{c}" in t for t in templates)
+    counts = {c: len(list((tmp_path / c).glob("*.jpg"))) for c in classes}
+    assert sorted(counts.values()) == [2, 2, 2, 2, 2, 3, 3, 3] and sum(counts.values()) == 19
+    for shape in classes:
+        for path in (tmp_path / shape).glob("*.jpg"):
+            index = int(path.stem)
+            assert scenes.make_scene(index, seed=2, size=(40, 40)).shape == shape
+            assert Image.open(path).size == (40, 40)
+
+
+def test_classification_folder_on_s3_matches_the_local_one(local_stack_env, s3_prefix, tmp_path):
+    from pipelines import storage
+
+    scenes.write_classification_folder(str(tmp_path), "color", 8, seed=4, size=32)
+    scenes.write_classification_folder(s3_prefix, "color", 8, seed=4, size=32)
+    local = {e.uri[len(str(tmp_path)) :]: e.size for e in storage.list_files(str(tmp_path))}
+    remote = {e.uri[len(s3_prefix) :]: e.size for e in storage.list_files(s3_prefix)}
+    assert remote == local and len(local) == 10
+
+
+def test_retrieval_captions_all_describe_the_scene():
+    scene = scenes.make_scene(5, seed=1)
+    captions = scenes.retrieval_captions(scene, 4)
+    assert captions[0] == scene.caption and len(set(captions)) == 4
+    assert all(scene.color in c and scene.shape in c for c in captions)

@@ -1,0 +1,2 @@
+"""Zero-shot evaluation of CLIP checkpoints (classification, retrieval, linear probes) on Ray, logged to
+MLflow, with CLIP_benchmark's metric definitions. CLI: `python -m pipelines.evaluate --help`."""

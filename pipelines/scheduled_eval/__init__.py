@@ -1,0 +1,17 @@
+"""Scheduled evaluation: evaluate each new checkpoint once with a suite and keep the registry's `champion`
+alias on the best. `python -m pipelines.scheduled_eval --config FILE.yaml [--watch SECONDS]`; the trainer
+calls `launch_background_pass(config_uri)` to start a pass without waiting for it."""
+
+from pipelines.scheduled_eval.background import BackgroundPass, launch_background_pass
+from pipelines.scheduled_eval.config import ConfigError, ScheduledEvalConfig, load_config
+from pipelines.scheduled_eval.scheduler import PassReport, run_pass
+
+__all__ = [
+    "BackgroundPass",
+    "ConfigError",
+    "PassReport",
+    "ScheduledEvalConfig",
+    "launch_background_pass",
+    "load_config",
+    "run_pass",
+]

@@ -1,0 +1,165 @@
+"""The scheduled evaluation's config: which training outputs and registered models to scan, the suite to run,
+and the registered model whose `champion` alias follows the best checkpoint by one metric. One typed object,
+loaded from YAML (local or s3://), overridable with `--set`, validated before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Sequence
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipelines import storage
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one sentence naming the field and the fix."""
+
+
+class ScheduledEvalConfig(BaseModel):
+    # A misspelt key must fail loudly rather than silently fall back to a default.
+    model_config = ConfigDict(extra="forbid")
+
+    # Training --output URIs; their complete checkpoints ({output}/checkpoints/step_*/checkpoint.json) are found.
+    training_outputs: list[str] = Field(default_factory=list)
+    # Registered model names whose versions are evaluated too (champion_model's own versions always are).
+    registered_models: list[str] = Field(default_factory=list)
+    # The evaluation suite YAML (pipelines.evaluate); a relative local path is relative to this config file.
+    suite: str
+    # Architecture name; None takes it from checkpoint.json, or the `model` tag or run param of a version.
+    model: str | None = None
+    # MLflow experiment of evaluations that have no training run; None: the suite's experiment.
+    experiment: str | None = None
+    champion_model: str  # registered model that gets a version per evaluated checkpoint
+    alias: str = "champion"
+    metric: str  # the ranking metric, e.g. zeroshot/scenes-color/acc1
+    mode: Literal["max", "min"] = "max"
+    # Where claims and results live: one small JSON object per (suite, checkpoint). s3:// for clusters.
+    claims: str
+    # A running claim whose heartbeat is older than this is stale and may be taken over.
+    claim_timeout_s: float = Field(600.0, gt=0)
+    max_attempts: int = Field(3, gt=0)  # evaluations of one checkpoint that raised before it is given up
+
+    @field_validator("training_outputs", "registered_models")
+    @classmethod
+    def _no_blank_entries(cls, value: list[str]) -> list[str]:
+        if any(not item.strip() for item in value):
+            raise ValueError("must not contain empty entries")
+        return list(dict.fromkeys(item.rstrip("/") for item in value))
+
+    @field_validator("suite", "claims", "champion_model", "metric", "alias")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        if "://" in value and urlsplit(value).password is not None:
+            # The config is logged and printed, so secrets must not live in it.
+            raise ValueError(
+                "must not embed credentials; set them in the AWS_* environment variables instead"
+            )
+        return value.strip()
+
+    @field_validator("alias")
+    @classmethod
+    def _alias_name(cls, value: str) -> str:
+        # MLflow refuses aliases like "v3" or "latest"; say so before any evaluation runs.
+        if re.fullmatch(r"v\d+|latest", value.lower()) or not re.fullmatch(r"[A-Za-z0-9_-]+", value):
+            raise ValueError("must be letters, digits, '_' or '-', and not 'latest' or 'v<number>'")
+        return value
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="python"), sort_keys=False, allow_unicode=True)
+
+
+def _resolve_relative(path: str, config_uri: str) -> str:
+    if "://" in path or os.path.isabs(path):
+        return path
+    if storage.is_s3(config_uri):
+        return storage.join(config_uri.rsplit("/", 1)[0], path)
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(config_uri)), path))
+
+
+def _explain(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "the config"
+        if item["type"] == "missing":
+            problems.append(f"{field} is required")
+        elif item["type"] == "extra_forbidden":
+            problems.append(f"{field} is not a known field (misspelt?)")
+        else:
+            problems.append(f"{field} = {item.get('input')!r}: {item['msg'].removeprefix('Value error, ')}")
+    return "Invalid scheduled-eval config: " + "; ".join(problems) + "."
+
+
+def validate_config(data: dict[str, Any]) -> ScheduledEvalConfig:
+    try:
+        return ScheduledEvalConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e)) from None
+
+
+def read_config_file(uri: str) -> dict[str, Any]:
+    """The YAML mapping in a config file, with relative local paths made relative to the file."""
+    try:
+        text = storage.read_bytes(uri).decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {uri} does not exist; check the --config path.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {uri} is not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {uri} must hold a mapping of config fields, not a {type(data).__name__}."
+        )
+    for key in ("suite", "claims"):
+        if isinstance(data.get(key), str) and data[key].strip():
+            data[key] = _resolve_relative(data[key].strip(), uri)
+    if isinstance(data.get("training_outputs"), list):
+        data["training_outputs"] = [
+            _resolve_relative(item, uri) if isinstance(item, str) and item.strip() else item
+            for item in data["training_outputs"]
+        ]
+    return data
+
+
+def load_config(config_uri: str, overrides: Sequence[str] = ()) -> ScheduledEvalConfig:
+    """The validated config from a YAML file plus `FIELD=VALUE` overrides (VALUE is YAML)."""
+    data = read_config_file(config_uri)
+    for item in overrides:
+        field, sep, text = item.partition("=")
+        if not sep or not field.strip():
+            raise ConfigError(f"--set {item!r} must look like FIELD=VALUE, e.g. --set mode=min.")
+        try:
+            data[field.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            data[field.strip()] = text
+    return validate_config(data)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.scheduled_eval",
+        description="Evaluate every checkpoint not yet evaluated by the suite, once, and move the champion alias.",
+    )
+    parser.add_argument("--config", required=True, help="scheduled-eval YAML (local path or s3://)")
+    parser.add_argument(
+        "--watch", type=float, metavar="SECONDS", help="run a pass every SECONDS until interrupted"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a config field, e.g. --set mode=min (VALUE is YAML)",
+    )
+    return parser

@@ -1,7 +1,9 @@
-"""`make demo`: start the local stack and run the project's jobs on it through `ray job submit`.
+"""`make demo`: the whole system on the local stack, each stage a Ray job submitted with `ray job submit`.
 
-Today that is the quickstart job (pipelines/quickstart.py); the ingest, training and evaluation stages join
-here as they land. A finished result is reused on a second run unless --rerun is given.
+Draws a captioned-scene data set, serves it over loopback HTTP, ingests it into WebDataset shards in the S3
+store, trains ViT-Tiny-16 with 2 Ray Train workers, evaluates zero-shot on held-out scenes, runs one pass of
+the scheduled evaluation, and prints a table of results and the MLflow UI address. A stage whose output is
+already there is reused; `--rerun` runs every stage again from scratch.
 """
 
 from __future__ import annotations
@@ -12,9 +14,19 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import yaml
 
 from infra import local
-from pipelines import storage
+from pipelines import demo_data, scenes, storage
+
+MODEL = "ViT-Tiny-16"
+REPO = Path(__file__).resolve().parent.parent
+# The demo's suite and scheduler configs, written for s3://clip-data/demo; other outputs get copies.
+DEFAULT_OUTPUT = f"s3://{local.DATA_BUCKET}/demo"
+EVAL_SUITE = REPO / "configs" / "eval-scenes.yaml"
+SCHEDULED_EVAL = REPO / "configs" / "scheduled-eval-demo.yaml"
 
 
 def submit(entrypoint: list[str], env: dict[str, str]) -> None:
@@ -27,47 +39,165 @@ def submit(entrypoint: list[str], env: dict[str, str]) -> None:
         raise SystemExit(f"the Ray job `{' '.join(entrypoint)}` failed; its log is above")
 
 
+class Stages:
+    """Numbered progress lines with the time each stage took."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.started = total, 0, time.time()
+
+    def begin(self, title: str) -> float:
+        self.done += 1
+        print(f"\n=== [{self.done}/{self.total}] {title}", flush=True)
+        return time.time()
+
+    def end(self, began: float, detail: str = "") -> None:
+        print(f"=== done in {time.time() - began:.0f}s{': ' + detail if detail else ''}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default=f"s3://{local.DATA_BUCKET}/demo/quickstart")
-    parser.add_argument("--rerun", action="store_true", help="run the job again even if a result exists")
+    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="where every stage writes")
+    parser.add_argument("--name", default="clip-ray-demo", help="MLflow experiment and registered model name")
+    parser.add_argument("--scenes", type=int, default=5000, help="image-caption pairs to ingest and train on")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=128, help="global batch over the 2 workers")
+    parser.add_argument("--rerun", action="store_true", help="delete the demo's outputs and run every stage")
     args = parser.parse_args()
+    py = sys.executable
+    stages = Stages(total=6)
+    experiment = args.name
 
+    began = stages.begin("local stack: S3 store, MLflow server, Ray head")
     local.start()
     env = local.stack_env()
     os.environ.update(env)
-    result_uri = storage.join(args.output, "result.json")
-    started = time.time()
-    if args.rerun or not storage.exists(result_uri):
-        submit([sys.executable, "-m", "pipelines.quickstart", "--output", args.output], env)
-    else:
-        print(f"reusing the finished quickstart run in {args.output} (pass --rerun to train again)")
-    result = json.loads(storage.read_bytes(result_uri))
+    if args.rerun:
+        storage.delete(args.output, recursive=True)
+    stages.end(began)
 
-    rows = [
-        (
-            "zero-shot acc1, colour (8 classes)",
-            result["zeroshot/scenes-color/acc1"],
-            result["chance/scenes-color"],
-        ),
-        (
-            "zero-shot acc1, shape (8 classes)",
-            result["zeroshot/scenes-shape/acc1"],
-            result["chance/scenes-shape"],
-        ),
-    ]
-    print("\n| result | value | chance |\n|---|---|---|")
-    for name, value, chance in rows:
-        print(f"| {name} | {value:.3f} | {chance:.3f} |")
-    print(f"| training samples/s ({result['model']}, 1 process) | {result['samples_per_s']} | |")
-    print(f"| final contrastive loss after {result['steps']} steps | {result['final_loss']} | |")
-    print(f"\ncheckpoint: {result['checkpoint']}")
-    experiment = result["mlflow_experiment_id"]
+    shards = storage.join(args.output, "shards")
+    train_output = storage.join(args.output, "train")
+    eval_root = storage.join(args.output, "eval")
+    final_checkpoint = storage.join(train_output, "checkpoints", f"step_{args.steps:08d}")
+    results_uri = storage.join(eval_root, "results.json")
+    suite, scheduler = demo_configs(args.output, args.name)
+
+    began = stages.begin(
+        f"drawn scenes: {args.scenes} captioned images and held-out sets of 8 colours, 8 shapes"
+    )
+    site = local.DEFAULT_STATE_DIR / f"demo-site-{args.scenes}"
+    demo_data.write_scene_site(site, args.scenes, seed=0)
+    for attribute in ("color", "shape"):
+        scenes.write_classification_folder(
+            storage.join(eval_root, f"scenes-{attribute}"), attribute, count=400, seed=1000, size=64
+        )
+    stages.end(began, f"site in {site}, held-out sets in {eval_root}")
+
+    began = stages.begin("ingest: download over HTTP, resize, dedup, shard into the S3 store (Ray Data)")
+    if _ingest_complete(shards):
+        print(f"reusing the finished ingest in {shards}")
+    else:
+        with demo_data.serve(site) as base_url:
+            urls = demo_data.write_url_list(site, base_url, site / "urls.parquet")
+            input_uri = storage.join(args.output, "input", "urls.parquet")
+            storage.write_bytes(input_uri, urls.read_bytes())
+            submit(
+                [py, "-m", "pipelines.ingest", "--input", input_uri, "--output", shards,
+                 "--image-size", "64", "--resize-mode", "center_crop", "--samples-per-shard", "500",
+                 "--allow-private-networks", "--mlflow-experiment", experiment],
+                env,
+            )  # fmt: skip
+    manifest = json.loads(storage.read_bytes(storage.join(shards, "manifest.json")))
+    stages.end(began, f"{manifest['totals']['success']} images in {manifest['committed_shards']} shards")
+
+    began = stages.begin(
+        f"train {MODEL}: 2 Ray Train workers, {args.steps} steps, global batch {args.batch_size}"
+    )
+    if storage.exists(storage.join(final_checkpoint, "checkpoint.json")):
+        print(f"reusing the finished training run in {train_output}")
+    else:
+        submit(
+            [py, "-m", "pipelines.train", "--data", shards, "--model", MODEL, "--workers", "2",
+             "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--output", train_output,
+             "--experiment", experiment, "--checkpoint-every", str(max(1, args.steps // 3)),
+             "--registered-model", args.name],
+            env,
+        )  # fmt: skip
+    checkpoint = json.loads(storage.read_bytes(storage.join(final_checkpoint, "checkpoint.json")))
+    stages.end(began, f"final checkpoint {final_checkpoint}")
+
+    began = stages.begin("zero-shot evaluation of the final checkpoint (Ray Data feature extraction)")
+    if storage.exists(results_uri):
+        print(f"reusing the finished evaluation in {results_uri}")
+    else:
+        submit(
+            [py, "-m", "pipelines.evaluate", "--checkpoint", final_checkpoint, "--model", MODEL,
+             "--config", suite, "--experiment", experiment, "--results", results_uri],
+            env,
+        )  # fmt: skip
+    results = json.loads(storage.read_bytes(results_uri))
+    stages.end(began)
+
+    began = stages.begin("scheduled evaluation: one pass over every checkpoint, champion alias to the best")
+    submit([py, "-m", "pipelines.scheduled_eval", "--config", scheduler], env)
+    stages.end(began)
+
+    print_results(results, manifest, checkpoint, env)
+    print(f"demo finished in {time.time() - stages.started:.0f}s; stop the stack with `make stack-stop`")
+
+
+def demo_configs(output: str, name: str) -> tuple[str, str]:
+    """The suite and scheduled-eval configs for this output: the repo's own files for the default output,
+    otherwise copies (under {output}/configs) with the data URIs, experiment and model name replaced."""
+    if output == DEFAULT_OUTPUT and name == "clip-ray-demo":
+        return str(EVAL_SUITE), str(SCHEDULED_EVAL)
+    suite_uri = storage.join(output, "configs", EVAL_SUITE.name)
+    scheduler_uri = storage.join(output, "configs", SCHEDULED_EVAL.name)
+    suite = yaml.safe_load(EVAL_SUITE.read_text())
+    suite["experiment"] = name
+    for dataset in suite["datasets"]:
+        dataset["uri"] = dataset["uri"].replace(DEFAULT_OUTPUT, output)
+    scheduler = yaml.safe_load(SCHEDULED_EVAL.read_text())
+    scheduler.update(
+        training_outputs=[storage.join(output, "train")],
+        suite=suite_uri,
+        experiment=name,
+        champion_model=name,
+        claims=storage.join(output, "scheduled-eval"),
+    )
+    storage.write_bytes(suite_uri, yaml.safe_dump(suite, sort_keys=False).encode())
+    storage.write_bytes(scheduler_uri, yaml.safe_dump(scheduler, sort_keys=False).encode())
+    return suite_uri, scheduler_uri
+
+
+def _ingest_complete(shards: str) -> bool:
+    manifest_uri = storage.join(shards, "manifest.json")
+    return storage.exists(manifest_uri) and bool(json.loads(storage.read_bytes(manifest_uri)).get("complete"))
+
+
+def print_results(results: dict, manifest: dict, checkpoint: dict, env: dict[str, str]) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    train_run = client.get_run(checkpoint["mlflow_run_id"])
+    print("\n| result | value | chance |\n|---|---:|---:|")
+    for dataset, classes in (("scenes-color", scenes.COLORS), ("scenes-shape", scenes.SHAPES)):
+        acc1 = results["datasets"][dataset]["acc1"]
+        print(
+            f"| zero-shot acc1, `zeroshot/{dataset}/acc1` ({len(classes)} classes) | {acc1:.3f} | {1 / len(classes):.3f} |"
+        )
+    print(f"| images ingested | {manifest['totals']['success']} of {manifest['totals']['count']} rows | |")
+    samples_per_s = train_run.data.metrics.get("samples_per_s")
+    if samples_per_s is not None:
+        print(f"| training samples/s ({MODEL}, 2 workers) | {samples_per_s:.0f} | |")
     print(
-        f"MLflow UI: {env['MLFLOW_TRACKING_URI']}/#/experiments/{experiment}/runs/{result['mlflow_run_id']}"
+        f"| final contrastive loss after {checkpoint['step']} steps | {checkpoint['metrics']['loss']:.3f} | |"
+    )
+    experiment = train_run.info.experiment_id
+    print(
+        f"\nMLflow UI: {env['MLFLOW_TRACKING_URI']}/#/experiments/{experiment}/runs/{train_run.info.run_id}"
     )
     print(f"Ray dashboard: {env['RAY_API_SERVER_ADDRESS']}")
-    print(f"demo finished in {time.time() - started:.0f}s; stop the stack with `make stack-stop`")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""The demo's data: drawn scenes saved as JPEG files with a URL + caption list, served over loopback HTTP so
+the ingest stage downloads them for real. Deterministic: the same seed and count give the same bytes.
+
+    python -m pipelines.demo_data --root /tmp/scenes --count 5000 --serve   # a site anyone can ingest
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import scenes
+
+PAIRS_FILE = "pairs.parquet"
+
+
+def write_scene_site(root: str | Path, count: int, seed: int = 0) -> Path:
+    """Write `count` scene JPEGs under root/images/ and root/pairs.parquet listing (relative path, caption).
+
+    Sizes vary between 96 and 192 px a side, like the mixed sizes of web images, so the resizer has work
+    to do. A finished site (its pairs file written last) is reused as it is."""
+    root = Path(root)
+    pairs = root / PAIRS_FILE
+    if pairs.exists() and pq.read_metadata(pairs).num_rows == count:
+        return pairs
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    paths, captions = [], []
+    for index in range(count):
+        rng = np.random.default_rng([seed, index, 1])
+        size = (int(rng.integers(96, 193)), int(rng.integers(96, 193)))
+        scene = scenes.make_scene(index, seed=seed, size=size)
+        path = f"images/{index:06d}.jpg"
+        scene.image.save(root / path, quality=90)
+        paths.append(path)
+        captions.append(scene.caption)
+    partial = pairs.with_suffix(".partial")
+    pq.write_table(pa.table({"path": paths, "caption": captions}), partial)
+    partial.rename(pairs)
+    return pairs
+
+
+def write_url_list(root: str | Path, base_url: str, output: str | Path) -> Path:
+    """The ingest input for a site served at base_url: Parquet with `url` and `caption` columns."""
+    table = pq.read_table(Path(root) / PAIRS_FILE)
+    urls = [f"{base_url}/{path}" for path in table.column("path").to_pylist()]
+    output = Path(output)
+    pq.write_table(pa.table({"url": urls, "caption": table.column("caption")}), output)
+    return output
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serve(root: str | Path, port: int = 0) -> Iterator[str]:
+    """Serve root over HTTP on 127.0.0.1 for the duration of the block; yields the base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="scene-site", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", required=True, help="local folder for the site")
+    parser.add_argument("--count", type=int, default=5000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--serve", action="store_true", help="serve the site until interrupted")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    write_scene_site(args.root, args.count, args.seed)
+    if args.serve:
+        with serve(args.root, args.port) as base_url:
+            urls = write_url_list(args.root, base_url, Path(args.root) / "urls.parquet")
+            print(f"serving {args.count} scenes at {base_url}; ingest input: {urls}", flush=True)
+            threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,6 @@ import mlflow
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 import webdataset as wds
 from PIL import Image
@@ -29,7 +28,6 @@ from PIL import Image
 import clip_core
 from pipelines import scenes, storage
 from pipelines.ingest import job, writer
-from pipelines.ingest.config import load_config
 from tests.http_fixtures import HttpTestServer
 
 NUM_SCENES = 40
@@ -143,20 +141,27 @@ def tar_samples(output_uri: str) -> dict[str, dict]:
     return samples
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def run_ingest_job(args: list[str], dedup_in_driver: bool = True) -> None:
+    """Run the ingest job on a Ray of its own in a separate process. Ray Data leaves state behind in a
+    process that ran a job and shut Ray down, after which a later Ray session's actor pools are cancelled
+    at start (Ray 2.60); keeping jobs out of the pytest process keeps later test modules clean."""
+    script = "import sys; from pipelines.ingest import job; from pipelines.ingest.config import load_config; "
+    if not dedup_in_driver:
+        script += "job.DRIVER_DEDUP_MAX_ROWS = 0; "  # hash-partition dedup keys across the cluster
+    script += "job.run(load_config(sys.argv[1:]))"
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(site, local_ray, tmp_path_factory):
+def uninterrupted(site, tmp_path_factory):
     rows = input_rows(site)
     tmp = tmp_path_factory.mktemp("ingest")
-    cfg = load_config(ingest_args(write_input(rows, tmp / "input.parquet"), str(tmp / "out")))
-    manifest = job.run(cfg)
-    return rows, str(tmp / "out"), manifest
+    run_ingest_job(ingest_args(write_input(rows, tmp / "input.parquet"), str(tmp / "out")))
+    return rows, str(tmp / "out"), writer.read_manifest(str(tmp / "out"))
 
 
 def test_every_input_row_is_one_output_row_with_the_expected_status(uninterrupted):
@@ -275,7 +280,7 @@ def test_ingest_through_ray_job_submit_reads_and_writes_the_s3_store(
     assert runs.iloc[0]["metrics.rows/count"] == len(rows)
 
 
-def test_clip_score_filter_scores_every_image_and_filters_below_the_threshold(site, local_ray, tmp_path):
+def test_clip_score_filter_scores_every_image_and_filters_below_the_threshold(site, tmp_path):
     checkpoint = tmp_path / "tiny.pt"
     torch.manual_seed(0)
     clip_core.save_checkpoint(clip_core.create_model("ViT-Tiny-16"), checkpoint)
@@ -285,7 +290,7 @@ def test_clip_score_filter_scores_every_image_and_filters_below_the_threshold(si
         "--set",
         f"filters.clip_score={{checkpoint: '{checkpoint}', model: ViT-Tiny-16, threshold: 0.0}}",
     ]
-    job.run(load_config(args))
+    run_ingest_job(args)
     out = output_rows(str(tmp_path / "out"))
     scored = [r for r in out if r["clip_score"] is not None]
     assert len(scored) == 12
@@ -305,14 +310,10 @@ def test_clip_score_filter_scores_every_image_and_filters_below_the_threshold(si
     assert first["clip_score"] == pytest.approx(feats.item(), abs=1e-4)
 
 
-def test_cluster_wide_dedup_gives_the_same_rows_as_dedup_in_the_driver(
-    uninterrupted, local_ray, tmp_path, monkeypatch
-):
-    # Large runs hash-partition dedup keys across the cluster; force that path on the small input.
-    monkeypatch.setattr(job, "DRIVER_DEDUP_MAX_ROWS", 0)
+def test_cluster_wide_dedup_gives_the_same_rows_as_dedup_in_the_driver(uninterrupted, tmp_path):
     rows, reference, _ = uninterrupted
     output = str(tmp_path / "out")
-    job.run(load_config(ingest_args(write_input(rows, tmp_path / "input.parquet"), output)))
+    run_ingest_job(ingest_args(write_input(rows, tmp_path / "input.parquet"), output), dedup_in_driver=False)
     ours = [(r["key"], r["sha256"], r["status"], r["error_message"]) for r in output_rows(output)]
     theirs = [(r["key"], r["sha256"], r["status"], r["error_message"]) for r in output_rows(reference)]
     assert ours == theirs

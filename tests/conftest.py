@@ -96,9 +96,14 @@ def s3_prefix(local_stack: LocalStack) -> Iterator[str]:
     storage.delete(prefix, recursive=True, settings=local_stack.s3_settings)
 
 
-# The ingest modules run last. After a process has run the ingest job's Ray Data stages and shut Ray down,
-# Ray 2.60 cancels a later Ray session's first actor-pool actor before it starts ("The actor never ran"),
-# which broke the in-process scheduled-evaluation passes; no Ray Data setting we tried avoids it. Order
-# within each group is unchanged.
+# Order: the scheduled-evaluation module first, the ingest modules last, everything else in between as
+# collected. After a process has run some Ray sessions (seen after the ingest job's Ray Data stages, and
+# after other test modules' sessions), Ray 2.60 cancels a later session's first actor-pool actor before it
+# starts ("The actor never ran"), which broke the in-process scheduled-evaluation passes; no Ray Data
+# setting we tried avoids it. Jobs run one per process in production (`ray job submit`) and never meet it.
 def pytest_collection_modifyitems(session, config, items) -> None:
-    items.sort(key=lambda item: item.path.name.startswith("test_ingest_"))
+    def group(item) -> int:
+        name = item.path.name
+        return 0 if name == "test_scheduled_eval.py" else 2 if name.startswith("test_ingest_") else 1
+
+    items.sort(key=group)

@@ -94,16 +94,3 @@ def s3_prefix(local_stack: LocalStack) -> Iterator[str]:
     prefix = f"s3://{stack.DATA_BUCKET}/tests/{uuid.uuid4().hex}"
     yield prefix
     storage.delete(prefix, recursive=True, settings=local_stack.s3_settings)
-
-
-# Order: the scheduled-evaluation module first, the ingest modules last, everything else in between as
-# collected. After a process has run some Ray sessions (seen after the ingest job's Ray Data stages, and
-# after other test modules' sessions), Ray 2.60 cancels a later session's first actor-pool actor before it
-# starts ("The actor never ran"), which broke the in-process scheduled-evaluation passes; no Ray Data
-# setting we tried avoids it. Jobs run one per process in production (`ray job submit`) and never meet it.
-def pytest_collection_modifyitems(session, config, items) -> None:
-    def group(item) -> int:
-        name = item.path.name
-        return 0 if name == "test_scheduled_eval.py" else 2 if name.startswith("test_ingest_") else 1
-
-    items.sort(key=group)

@@ -59,7 +59,7 @@ def write_url_list(root: str | Path, base_url: str, output: str | Path) -> Path:
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
-        pass
+        """Silent: one access-log line per image would bury the demo's progress lines."""
 
 
 @contextlib.contextmanager

@@ -151,8 +151,8 @@ class HeadlessChromium:
             )
         finally:
             close = f"http://127.0.0.1:{self._port}/json/close/{target['id']}"
-            with contextlib.suppress(OSError), urllib.request.urlopen(close, timeout=10):
-                pass
+            with contextlib.suppress(OSError), urllib.request.urlopen(close, timeout=10) as response:
+                response.read()  # the request itself closes the tab; a browser already gone is fine
 
     async def _load(
         self,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -105,13 +106,22 @@ def suite_uri(stack_env, local_stack):
     storage.delete(root, recursive=True, settings=local_stack.s3_settings)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """In-process passes extract features on a Ray of their own: the stack's 2-CPU head is shared with
-    other test sessions' jobs, and a Ray Data pipeline waits while they hold its CPUs."""
+def _start_pass_process(env: dict[str, str]) -> None:
+    os.environ.update(env)
     ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False)
-    yield
-    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pass_process(stack_env):
+    """In-process passes run in one child process with a Ray of its own. Of its own: the stack's 2-CPU head
+    is shared with other test sessions' jobs, and a Ray Data pipeline waits while they hold its CPUs. A
+    child process: Ray 2.60 kills a Ray Data actor pool's first actor ("all references to the actor were
+    removed") in a process that ran Ray Data on an earlier local cluster, as earlier test modules do."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(
+        1, mp_context=context, initializer=_start_pass_process, initargs=(dict(stack_env),)
+    ) as pool:
+        yield lambda config: pool.submit(run_pass, config).result()
 
 
 def training_run() -> tuple[str, str]:
@@ -307,7 +317,7 @@ def stop_unfinished(handle: BackgroundPass) -> None:
 
 
 def test_each_checkpoint_is_evaluated_once_and_the_champion_follows_the_best(
-    local_stack_env, s3_prefix, suite_uri, weights, local_ray
+    local_stack_env, s3_prefix, suite_uri, weights, pass_process
 ):
     run = training_run()
     output = storage.join(s3_prefix, "train")
@@ -321,16 +331,16 @@ def test_each_checkpoint_is_evaluated_once_and_the_champion_follows_the_best(
         config.champion_model, source=first, run_id=run[0], tags={"checkpoint_uri": f"{first}/model.pt"}
     )
 
-    report = run_pass(config)
+    report = pass_process(config)
     assert report.evaluated == [first] and report.found == 1
     assert report.champion["version"] == str(trainers.version)
     assert champion(config) == (report.champion["version"], first)
 
-    again = run_pass(config)  # nothing new: nothing evaluated, nothing moved
+    again = pass_process(config)  # nothing new: nothing evaluated, nothing moved
     assert again.evaluated == [] and again.found == 1 and not again.champion["moved"]
 
     better = write_checkpoint(output, 40, weights["trained"], run)
-    third = run_pass(config)
+    third = pass_process(config)
     assert third.evaluated == [better] and third.found == 2
     assert third.champion["moved"] and champion(config)[1] == better
 
@@ -356,7 +366,7 @@ def test_each_checkpoint_is_evaluated_once_and_the_champion_follows_the_best(
 
 
 def test_stale_claims_are_taken_over_fresh_ones_skipped_and_failures_retried_then_given_up(
-    local_stack_env, s3_prefix, suite_uri, weights, local_ray
+    local_stack_env, s3_prefix, suite_uri, weights, pass_process
 ):
     run = training_run()
     output = storage.join(s3_prefix, "train")
@@ -378,16 +388,16 @@ def test_stale_claims_are_taken_over_fresh_ones_skipped_and_failures_retried_the
         {"state": "running", "owner": "alive", "heartbeat_at": now, "attempts": 1},
     )
 
-    report = run_pass(config)
+    report = pass_process(config)
     assert report.evaluated == [crashed] and report.busy == [busy] and report.failed == [broken]
     crashed_record = claims.read(record_uri(config, key, crashed))[0]
     assert crashed_record["state"] == "done" and crashed_record["attempts"] == 2
     failed = claims.read(record_uri(config, key, broken))[0]
     assert failed["state"] == "failed" and failed["attempts"] == 1 and "model.pt" in failed["error"]
 
-    retried = run_pass(config)
+    retried = pass_process(config)
     assert retried.failed == [broken] and retried.evaluated == []
     assert claims.read(record_uri(config, key, broken))[0]["attempts"] == 2
-    given_up = run_pass(config)
+    given_up = pass_process(config)
     assert given_up.given_up == [broken] and given_up.failed == [] and given_up.busy == [busy]
     assert len(eval_runs(crashed)) == 1 and eval_runs(busy) == []

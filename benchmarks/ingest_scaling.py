@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -33,45 +32,6 @@ from ingest_memory import tree_rss  # noqa: E402
 from ingest_vs_img2dataset import REPO, generate_images, start_nginx  # noqa: E402
 
 from infra import local  # noqa: E402
-
-
-@contextlib.contextmanager
-def shared_stack():
-    """The local stack, shared with test sessions the way tests/conftest.py shares it: hold a lease while
-    running (so a finishing test session does not stop it under us), and stop only the services this run
-    started, and only when no other lease holder is still alive."""
-    state_dir = local.DEFAULT_STATE_DIR
-    leases = state_dir / "test-leases"
-
-    @contextlib.contextmanager
-    def locked():
-        leases.mkdir(parents=True, exist_ok=True)
-        with open(state_dir / "test-leases.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-    with locked():
-        started = local.start()
-        lease = leases / str(os.getpid())
-        lease.touch()
-    try:
-        yield local.stack_env()
-    finally:
-        with locked():
-            lease.unlink(missing_ok=True)
-            others = [p for p in leases.iterdir() if p.name.isdigit() and alive(int(p.name))]
-            if started and not others:
-                local.stop(services=started)
 
 
 def output_bytes(folder: Path) -> dict[str, int]:
@@ -186,7 +146,7 @@ def main() -> None:
 
     names = generate_images(args.cache, args.images)
     results = []
-    with shared_stack() as env, tempfile.TemporaryDirectory(prefix="ingest-scaling-") as tmp:
+    with local.leased() as env, tempfile.TemporaryDirectory(prefix="ingest-scaling-") as tmp:
         head_pid = json.loads((local.DEFAULT_STATE_DIR / "run" / "ray.json").read_text())["pid"]
         nginx, port = start_nginx(args.cache, Path(tmp) / "nginx")
         try:

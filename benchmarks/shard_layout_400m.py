@@ -23,7 +23,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest_scaling import ingest, shared_stack  # noqa: E402
+from ingest_scaling import ingest  # noqa: E402
 from ingest_vs_img2dataset import REPO, generate_images, start_nginx  # noqa: E402
 
 from infra import local  # noqa: E402
@@ -117,7 +117,7 @@ def main() -> None:
 
     from pipelines.train.data import resolve_shards
 
-    with shared_stack() as env:
+    with local.leased() as env:
         os.environ.update(env)  # storage reads AWS_* from the environment
         measured, stats_example = measure_small_ingest(args.sample_rows, env)
         print(f"measured on {args.sample_rows:,} rows: {json.dumps(measured)}", flush=True)

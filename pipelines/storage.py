@@ -120,6 +120,11 @@ def boto3_client(settings: S3Settings | None = None, timeout_s: float | None = N
     return _cached_boto3_client(_settings(settings), timeout_s)
 
 
+def forget_clients() -> None:
+    """Drop the cached clients. A forked child must: its parent's clients share their sockets with it."""
+    _cached_boto3_client.cache_clear()
+
+
 @functools.lru_cache(maxsize=8)
 def _cached_boto3_client(settings: S3Settings, timeout_s: float | None):
     import boto3

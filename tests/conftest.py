@@ -3,8 +3,6 @@ in the repo's .stack (the one `make demo` uses), reused when it already runs, an
 this test session started it and no other test session still uses it.
 """
 
-import contextlib
-import fcntl
 import os
 import uuid
 from collections.abc import Iterator
@@ -32,49 +30,13 @@ class LocalStack:
         return storage.S3Settings.from_env(self.env)
 
 
-@contextlib.contextmanager
-def _leases_locked(state_dir: Path) -> Iterator[Path]:
-    # Separate from the stack's own lock, which start() and stop() take themselves.
-    leases = state_dir / "test-leases"
-    leases.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / "test-leases.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield leases
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @pytest.fixture(scope="session")
 def local_stack() -> Iterator[LocalStack]:
     """The shared stack. Several test sessions (several engineers, one machine) may use it at once: each
     holds a lease, and services that tests started are stopped when the last lease goes."""
     state_dir = stack.DEFAULT_STATE_DIR
-    owned = state_dir / "test-owned"
-    with _leases_locked(state_dir) as leases:
-        started = stack.start(state_dir)
-        if started:
-            before = set(owned.read_text().split()) if owned.exists() else set()
-            owned.write_text(" ".join(sorted(before | set(started))))
-        lease = leases / str(os.getpid())
-        lease.touch()
-    yield LocalStack(state_dir, stack.load_config(state_dir), stack.stack_env(state_dir))
-    with _leases_locked(state_dir) as leases:
-        lease.unlink(missing_ok=True)
-        others = [p for p in leases.iterdir() if p.name.isdigit() and _pid_alive(int(p.name))]
-        if owned.exists() and not others:
-            stack.stop(state_dir, services=owned.read_text().split())
-            owned.unlink()
+    with stack.leased(state_dir) as env:
+        yield LocalStack(state_dir, stack.load_config(state_dir), env)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import webdataset as wds
 
 import clip_core
 from pipelines import scenes
+from pipelines.config import ConfigError
 from pipelines.evaluate import __main__ as cli
 from pipelines.evaluate import config, datasets, job
 from pipelines.evaluate.features import extract_features_locally
@@ -57,12 +58,12 @@ def test_suite_yaml_parses_with_defaults_and_round_trips(tmp_path):
 
 
 def test_suite_errors_are_one_sentence_naming_the_field():
-    with pytest.raises(config.ConfigError) as error:
+    with pytest.raises(ConfigError) as error:
         config.validate_suite({"datasets": [{"name": "x", "uri": "/d", "templats": ["a {c}"]}]})
     assert "datasets.0.templats is not a known field" in str(error.value) and one_sentence(str(error.value))
-    with pytest.raises(config.ConfigError, match="has no \\{c\\} placeholder"):
+    with pytest.raises(ConfigError, match="has no \\{c\\} placeholder"):
         config.validate_suite({"datasets": [{"name": "x", "uri": "/d", "templates": ["a photo"]}]})
-    with pytest.raises(config.ConfigError, match="appears more than once"):
+    with pytest.raises(ConfigError, match="appears more than once"):
         suite_for({"name": "x", "uri": "/a"}, {"name": "x", "uri": "/b"})
 
 
@@ -88,7 +89,7 @@ def test_command_line_builds_a_suite_from_dataset_specs_tasks_and_overrides():
         ("coco", "s3://b/eval/coco"),
     ]
     assert suite.datasets[1].tasks == ["zeroshot_retrieval"] and suite.batch_size == 32
-    with pytest.raises(config.ConfigError, match="no dataset to evaluate"):
+    with pytest.raises(ConfigError, match="no dataset to evaluate"):
         config.parse_args(["--checkpoint", "c.pt", "--model", "ViT-Tiny-16"])
 
 

@@ -10,10 +10,10 @@ import typing
 import pytest
 import yaml
 
+from pipelines.config import ConfigError
 from pipelines.ingest import downloader, resizer
 from pipelines.ingest.config import (
     ENCODE_QUALITY_RANGES,
-    ConfigError,
     IngestConfig,
     Interpolation,
     ResizeMode,

@@ -24,9 +24,9 @@ import yaml
 
 import clip_core
 from pipelines import scenes, storage
+from pipelines.config import ConfigError
 from pipelines.scheduled_eval import BackgroundPass, claims, launch_background_pass, load_config, run_pass
 from pipelines.scheduled_eval.background import TERMINAL
-from pipelines.scheduled_eval.config import ConfigError
 from pipelines.scheduled_eval.scheduler import record_uri, suite_key
 
 MODEL = "ViT-Tiny-16"

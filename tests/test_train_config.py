@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from pipelines.train.config import ConfigError, TrainConfig, load_config
+from pipelines.config import ConfigError
+from pipelines.train.config import TrainConfig, load_config
 
 REQUIRED = [
     "--data", "s3://clip-data/cc12m", "s3://clip-data/extra/{00000..00003}.tar", "--model", "ViT-B-32",

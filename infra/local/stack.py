@@ -695,3 +695,55 @@ def stop(state_dir: str | os.PathLike = DEFAULT_STATE_DIR, services: list[str] |
         if nothing_left and runtime_dir != state_dir and runtime_dir.exists():
             # Outside the state dir: it would otherwise outlive `rm -rf <state-dir>`.
             shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Leases: one stack shared by several client processes on one machine (test sessions, benchmarks).
+
+
+@contextlib.contextmanager
+def leased(state_dir: str | os.PathLike = DEFAULT_STATE_DIR) -> Iterator[dict[str, str]]:
+    """Start what is not running and hold a lease on the stack while inside; yields the client environment.
+    On the way out, the services that lease holders started are stopped once no other holder is alive, so a
+    finishing test session never stops the stack under another one, and a stack started by `make demo` or
+    `python -m infra.local start` stays up."""
+    state_dir = Path(state_dir).absolute()
+    leases, started_file = state_dir / "leases", state_dir / "leases-started"
+    with _leases_locked(state_dir):
+        started = start(state_dir)
+        if started:
+            before = set(started_file.read_text().split()) if started_file.exists() else set()
+            started_file.write_text(" ".join(sorted(before | set(started))))
+        lease = leases / str(os.getpid())
+        lease.touch()
+    try:
+        yield stack_env(state_dir)
+    finally:
+        with _leases_locked(state_dir):
+            lease.unlink(missing_ok=True)
+            others = [p for p in leases.iterdir() if p.name.isdigit() and _pid_alive(int(p.name))]
+            if started_file.exists() and not others:
+                stop(state_dir, services=started_file.read_text().split())
+                started_file.unlink()
+
+
+@contextlib.contextmanager
+def _leases_locked(state_dir: Path) -> Iterator[None]:
+    # Not the stack's own lock: start() and stop() take that one themselves.
+    (state_dir / "leases").mkdir(parents=True, exist_ok=True)
+    with open(state_dir / "leases.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True

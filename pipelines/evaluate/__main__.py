@@ -8,7 +8,8 @@ import math
 import sys
 
 from pipelines import storage
-from pipelines.evaluate.config import ConfigError, parse_args
+from pipelines.config import ConfigError
+from pipelines.evaluate.config import parse_args
 from pipelines.evaluate.datasets import DatasetError
 from pipelines.evaluate.job import EvaluationError, results_by_dataset, run_evaluation
 

@@ -9,24 +9,16 @@ import argparse
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from pipelines.config import ConfigError, Section, apply_overrides, read_yaml, validate
 
 Task = Literal["zeroshot_classification", "zeroshot_retrieval", "linear_probe"]
 TASKS: tuple[str, ...] = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
 DatasetFormat = Literal["auto", "image_folder", "wds", "ingest"]
 
 
-class ConfigError(ValueError):
-    """A suite config that cannot run; the message is one sentence naming the field and the fix."""
-
-
-class _Section(BaseModel):
-    # A misspelt key must fail loudly rather than silently fall back to a default.
-    model_config = ConfigDict(extra="forbid")
-
-
-class LinearProbeConfig(_Section):
+class LinearProbeConfig(Section):
     """Logistic regression on frozen image features, as in the CLIP paper, plus its few-shot form."""
 
     shots: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])  # examples per class; [] skips
@@ -36,7 +28,7 @@ class LinearProbeConfig(_Section):
     max_iter: int = Field(200, gt=0)  # L-BFGS iterations
 
 
-class DatasetConfig(_Section):
+class DatasetConfig(Section):
     """One evaluation set. `uri` is an image-folder tree (class per folder), CLIP_benchmark's WebDataset
     folder (`{split}/nshards.txt`, `{split}/{i}.tar`) or an ingest output folder (shards + `_stats.json`)."""
 
@@ -82,7 +74,7 @@ class DatasetConfig(_Section):
         return list(dict.fromkeys(value))
 
 
-class SuiteConfig(_Section):
+class SuiteConfig(Section):
     datasets: list[DatasetConfig]
     experiment: str = "clip-ray-eval"  # MLflow experiment when the checkpoint has no training run
     batch_size: int = Field(256, gt=0)  # images per forward pass
@@ -121,10 +113,6 @@ class SuiteConfig(_Section):
                 raise ValueError(f"dataset {d.name}: linear_probe on an image folder needs train_uri")
         return self
 
-    def to_yaml(self) -> str:
-        """The resolved suite as YAML, every field included."""
-        return yaml.safe_dump(self.model_dump(mode="python"), sort_keys=False, allow_unicode=True)
-
 
 def parse_dataset_spec(spec: str) -> tuple[str, str]:
     """`name=URI` or `URI` (the name is then the URI's last path part) -> (name, uri)."""
@@ -137,45 +125,12 @@ def parse_dataset_spec(spec: str) -> tuple[str, str]:
 
 def validate_suite(data: dict[str, Any]) -> SuiteConfig:
     """Build a SuiteConfig, turning pydantic's errors into one sentence that names each bad field."""
-    try:
-        return SuiteConfig.model_validate(data)
-    except ValidationError as e:
-        problems = []
-        for item in e.errors():
-            field = ".".join(str(part) for part in item["loc"]) or "the suite"
-            if item["type"] == "missing":
-                problems.append(f"{field} is required")
-            elif item["type"] == "extra_forbidden":
-                problems.append(f"{field} is not a known field (misspelt?)")
-            else:
-                problems.append(f"{field}: {item['msg'].removeprefix('Value error, ')}")
-        raise ConfigError("Invalid evaluation suite: " + "; ".join(problems) + ".") from None
-
-
-def _parse_yaml(text: str, where: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must hold a mapping of suite fields, not a {type(data).__name__}.")
-    return data
-
-
-def _read_yaml(uri: str) -> dict[str, Any]:
-    from pipelines import storage
-
-    if not storage.exists(uri):
-        raise ConfigError(f"suite config {uri} does not exist; check the --config path.")
-    text = storage.read_bytes(uri).decode("utf-8")
-    return _parse_yaml(text, f"suite config {uri}")
+    return validate(SuiteConfig, data, "evaluation suite")
 
 
 def load_suite(path_or_uri: str) -> SuiteConfig:
     """Parse and validate a suite YAML file (local path or s3:// URI)."""
-    return validate_suite(_read_yaml(path_or_uri))
+    return validate_suite(read_yaml(path_or_uri, "suite config"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,7 +171,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def suite_from_args(args: argparse.Namespace) -> SuiteConfig:
     """The suite from --config, plus one entry per --dataset (with the --task list), plus --set overrides."""
-    data = _read_yaml(args.config) if args.config else {}
+    data = read_yaml(args.config, "suite config") if args.config else {}
     datasets = list(data.get("datasets") or [])
     for spec in args.dataset:
         name, uri = parse_dataset_spec(spec)
@@ -228,19 +183,7 @@ def suite_from_args(args: argparse.Namespace) -> SuiteConfig:
     data["datasets"] = datasets
     if args.experiment:
         data["experiment"] = args.experiment
-    for item in args.overrides:
-        path, sep, text = item.partition("=")
-        if not sep or not path.strip():
-            raise ConfigError(f"--set {item!r} must look like FIELD=VALUE, e.g. --set batch_size=128.")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
-        *parents, leaf = path.strip().split(".")
-        node = data
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+    apply_overrides(data, args.overrides, "batch_size=128")
     return validate_suite(data)
 
 

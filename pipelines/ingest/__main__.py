@@ -3,7 +3,8 @@
 
 import sys
 
-from pipelines.ingest.config import ConfigError, load_config
+from pipelines.config import ConfigError
+from pipelines.ingest.config import load_config
 from pipelines.ingest.reader import InputError
 
 

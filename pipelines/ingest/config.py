@@ -9,10 +9,18 @@ import argparse
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from pipelines.config import (
+    Section,
+    add_config_arguments,
+    check_uri,
+    data_from_args,
+    parse_yaml,
+    read_yaml,
+    validate,
+)
 
 ResizeMode = Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"]
 Interpolation = Literal["nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4"]
@@ -22,16 +30,7 @@ ENCODE_QUALITY_RANGES = {"jpg": (0, 100, 95), "webp": (1, 100, 95), "png": (0, 9
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message is one sentence naming the field and the fix."""
-
-
-class _Section(BaseModel):
-    # A misspelt key must fail loudly rather than silently fall back to a default.
-    model_config = ConfigDict(extra="forbid")
-
-
-class DownloadConfig(_Section):
+class DownloadConfig(Section):
     """HTTP fetching; mirrors pipelines.ingest.downloader.DownloaderConfig."""
 
     timeout_s: float = Field(30.0, gt=0, le=300)  # total deadline per URL, retries included
@@ -55,7 +54,7 @@ class DownloadConfig(_Section):
         return value
 
 
-class ClipScoreConfig(_Section):
+class ClipScoreConfig(Section):
     """Keep a pair only if its image-text cosine similarity under a CLIP model reaches the threshold."""
 
     checkpoint: str  # URI of a checkpoint in the project's format
@@ -65,7 +64,7 @@ class ClipScoreConfig(_Section):
     use_gpu: bool = False
 
 
-class FiltersConfig(_Section):
+class FiltersConfig(Section):
     min_image_size: int = Field(0, ge=0)  # on the shorter side of the original image, as img2dataset
     max_image_area: float = Field(math.inf, gt=0)
     max_aspect_ratio: float = Field(math.inf, ge=1.0)
@@ -84,12 +83,12 @@ class FiltersConfig(_Section):
         return self
 
 
-class DedupConfig(_Section):
+class DedupConfig(Section):
     urls: bool = True  # drop rows whose URL appeared earlier in input order
     content: bool = True  # drop images whose bytes (sha256) appeared earlier in input order
 
 
-class ConcurrencyConfig(_Section):
+class ConcurrencyConfig(Section):
     """Ray Data knobs; None lets Ray size the stage to the cluster."""
 
     download_workers: int | None = Field(None, gt=0)
@@ -98,7 +97,7 @@ class ConcurrencyConfig(_Section):
     batch_size: int = Field(256, gt=0)  # rows per Ray Data batch between stages
 
 
-class IngestConfig(_Section):
+class IngestConfig(Section):
     input: str  # file, folder or glob; local path or s3://
     output: str  # folder; local path or s3://
     input_format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = "auto"
@@ -126,14 +125,7 @@ class IngestConfig(_Section):
     @field_validator("input", "output")
     @classmethod
     def _uri_without_credentials(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
-        # The config is dumped beside the output and logged to MLflow, so secrets must not live in it.
-        if "://" in value and urlsplit(value).password is not None:
-            raise ValueError(
-                "must not embed credentials; set them in the AWS_* environment variables instead"
-            )
-        return value
+        return check_uri(value)
 
     @field_validator("caption_col", "mlflow_experiment", mode="before")
     @classmethod
@@ -191,75 +183,18 @@ class IngestConfig(_Section):
     # -----------------------------------------------------------------------------------------------------
     # YAML in and out
 
-    def to_yaml(self) -> str:
-        """The resolved config as YAML, every field included, in declaration order."""
-        return yaml.safe_dump(self.model_dump(mode="python"), sort_keys=False, allow_unicode=True)
-
     @classmethod
     def from_yaml(cls, text: str) -> IngestConfig:
-        return validate_config(_parse_yaml(text, "the YAML text"))
+        return validate_config(parse_yaml(text, "the YAML text"))
 
     @classmethod
     def from_yaml_file(cls, uri: str) -> IngestConfig:
-        return validate_config(_read_yaml_file(uri))
-
-
-def _parse_yaml(text: str, where: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must hold a mapping of config fields, not a {type(data).__name__}")
-    return data
-
-
-def _read_yaml_file(uri: str) -> dict[str, Any]:
-    from pipelines import storage
-
-    try:
-        text = storage.read_bytes(uri).decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {uri} does not exist; check the --config path") from None
-    return _parse_yaml(text, f"config file {uri}")
+        return validate_config(read_yaml(uri))
 
 
 def validate_config(data: dict[str, Any]) -> IngestConfig:
     """Build an IngestConfig, turning pydantic's errors into one sentence that names each bad field."""
-    try:
-        return IngestConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_explain(e)) from None
-
-
-def _explain(error: ValidationError) -> str:
-    problems = []
-    for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"])
-        flag = _FLAG_FOR_FIELD.get(field)
-        where = f"{field} (--{flag})" if flag else field or "the config"
-        if item["type"] == "missing":
-            problems.append(f"{where} is required")
-        elif item["type"] == "extra_forbidden":
-            problems.append(f"{where} is not a known field (misspelt?)")
-        else:
-            message = item["msg"].removeprefix("Value error, ")
-            if isinstance(item.get("input"), dict):  # a check across fields: the message names them
-                problems.append(message)
-            else:
-                problems.append(f"{where} = {_redacted(item.get('input'))!r}: {message}")
-    return "Invalid ingest config: " + "; ".join(problems) + "."
-
-
-def _redacted(value: Any) -> Any:
-    # Error messages reach logs; a URI with an embedded password must not carry it there.
-    if isinstance(value, str) and "://" in value:
-        parts = urlsplit(value)
-        if parts.password is not None:
-            return value.replace(f":{parts.password}@", ":***@", 1)
-    return value
+    return validate(IngestConfig, data, "ingest config", _FLAG_FOR_FIELD)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -310,70 +245,21 @@ _SWITCHES = (
     ("clip-score-use-gpu", "filters.clip_score.use_gpu", "score on a GPU"),
 )
 _FLAG_FOR_FIELD = {path: flag for flag, path, _ in _OPTIONS + _SWITCHES}
+_SET_EXAMPLE = "download.max_per_host=8"
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Ingest URL+caption lists into img2dataset-compatible WebDataset shards and Parquet.",
     )
-    parser.add_argument(
-        "--config", help="YAML file (local or s3://) with the config; options below override it"
-    )
-    # Unset options stay absent from the namespace, so only what the user typed overrides the YAML.
-    for flag, path, help_text in _OPTIONS:
-        parser.add_argument(f"--{flag}", dest=path, default=argparse.SUPPRESS, help=help_text)
-    for flag, path, help_text in _SWITCHES:
-        parser.add_argument(
-            f"--{flag}",
-            dest=path,
-            action=argparse.BooleanOptionalAction,
-            default=argparse.SUPPRESS,
-            help=help_text,
-        )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override any field by its dotted path, e.g. --set download.max_per_host=8 (VALUE is YAML)",
-    )
+    add_config_arguments(parser, _OPTIONS, _SWITCHES, _SET_EXAMPLE)
     return parser
 
 
 def load_config(argv: Sequence[str] | None = None) -> IngestConfig:
     """The validated config from `--config FILE.yaml` (optional) and command-line overrides."""
-    args = vars(build_arg_parser().parse_args(argv))
-    config_uri = args.pop("config", None)
-    overrides = args.pop("overrides")
-    data = _read_yaml_file(config_uri) if config_uri else {}
-    for path, value in args.items():
-        _set_path(data, path, value)
-    for item in overrides:
-        path, sep, text = item.partition("=")
-        if not sep or not path.strip():
-            raise ConfigError(f"--set {item!r} must look like FIELD=VALUE, e.g. --set download.max_retries=3")
-        _set_path(data, path.strip(), _parse_yaml_value(text))
+    data = data_from_args(build_arg_parser().parse_args(argv), _SET_EXAMPLE)
     return validate_config(data)
-
-
-def _parse_yaml_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = data
-    for name in parents:
-        child = node.get(name)
-        if not isinstance(child, dict):
-            child = {}
-            node[name] = child
-        node = child
-    node[leaf] = value
 
 
 if __name__ == "__main__":

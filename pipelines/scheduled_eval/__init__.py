@@ -2,8 +2,9 @@
 alias on the best. `python -m pipelines.scheduled_eval --config FILE.yaml [--watch SECONDS]`; the trainer
 calls `launch_background_pass(config_uri)` to start a pass without waiting for it."""
 
+from pipelines.config import ConfigError
 from pipelines.scheduled_eval.background import BackgroundPass, launch_background_pass
-from pipelines.scheduled_eval.config import ConfigError, ScheduledEvalConfig, load_config
+from pipelines.scheduled_eval.config import ScheduledEvalConfig, load_config
 from pipelines.scheduled_eval.scheduler import PassReport, run_pass
 
 __all__ = [

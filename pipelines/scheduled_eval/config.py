@@ -9,22 +9,14 @@ import os
 import re
 from collections.abc import Sequence
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from pipelines import storage
+from pipelines.config import Section, apply_overrides, check_uri, read_yaml, validate
 
 
-class ConfigError(ValueError):
-    """A config that cannot run; the message is one sentence naming the field and the fix."""
-
-
-class ScheduledEvalConfig(BaseModel):
-    # A misspelt key must fail loudly rather than silently fall back to a default.
-    model_config = ConfigDict(extra="forbid")
-
+class ScheduledEvalConfig(Section):
     # Training --output URIs; their complete checkpoints ({output}/checkpoints/step_*/checkpoint.json) are found.
     training_outputs: list[str] = Field(default_factory=list)
     # Registered model names whose versions are evaluated too (champion_model's own versions always are).
@@ -55,14 +47,7 @@ class ScheduledEvalConfig(BaseModel):
     @field_validator("suite", "claims", "champion_model", "metric", "alias")
     @classmethod
     def _non_empty(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
-        if "://" in value and urlsplit(value).password is not None:
-            # The config is logged and printed, so secrets must not live in it.
-            raise ValueError(
-                "must not embed credentials; set them in the AWS_* environment variables instead"
-            )
-        return value.strip()
+        return check_uri(value).strip()
 
     @field_validator("alias")
     @classmethod
@@ -71,9 +56,6 @@ class ScheduledEvalConfig(BaseModel):
         if re.fullmatch(r"v\d+|latest", value.lower()) or not re.fullmatch(r"[A-Za-z0-9_-]+", value):
             raise ValueError("must be letters, digits, '_' or '-', and not 'latest' or 'v<number>'")
         return value
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="python"), sort_keys=False, allow_unicode=True)
 
 
 def _resolve_relative(path: str, config_uri: str) -> str:
@@ -84,42 +66,13 @@ def _resolve_relative(path: str, config_uri: str) -> str:
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(config_uri)), path))
 
 
-def _explain(error: ValidationError) -> str:
-    problems = []
-    for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "the config"
-        if item["type"] == "missing":
-            problems.append(f"{field} is required")
-        elif item["type"] == "extra_forbidden":
-            problems.append(f"{field} is not a known field (misspelt?)")
-        else:
-            problems.append(f"{field} = {item.get('input')!r}: {item['msg'].removeprefix('Value error, ')}")
-    return "Invalid scheduled-eval config: " + "; ".join(problems) + "."
-
-
 def validate_config(data: dict[str, Any]) -> ScheduledEvalConfig:
-    try:
-        return ScheduledEvalConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_explain(e)) from None
+    return validate(ScheduledEvalConfig, data, "scheduled-eval config")
 
 
 def read_config_file(uri: str) -> dict[str, Any]:
     """The YAML mapping in a config file, with relative local paths made relative to the file."""
-    try:
-        text = storage.read_bytes(uri).decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {uri} does not exist; check the --config path.") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {uri} is not valid YAML: {e}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"config file {uri} must hold a mapping of config fields, not a {type(data).__name__}."
-        )
+    data = read_yaml(uri)
     for key in ("suite", "claims"):
         if isinstance(data.get(key), str) and data[key].strip():
             data[key] = _resolve_relative(data[key].strip(), uri)
@@ -134,14 +87,7 @@ def read_config_file(uri: str) -> dict[str, Any]:
 def load_config(config_uri: str, overrides: Sequence[str] = ()) -> ScheduledEvalConfig:
     """The validated config from a YAML file plus `FIELD=VALUE` overrides (VALUE is YAML)."""
     data = read_config_file(config_uri)
-    for item in overrides:
-        field, sep, text = item.partition("=")
-        if not sep or not field.strip():
-            raise ConfigError(f"--set {item!r} must look like FIELD=VALUE, e.g. --set mode=min.")
-        try:
-            data[field.strip()] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            data[field.strip()] = text
+    apply_overrides(data, overrides, "mode=min")
     return validate_config(data)
 
 

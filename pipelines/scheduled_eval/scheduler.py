@@ -23,8 +23,9 @@ import traceback
 from dataclasses import dataclass, field
 
 from pipelines import storage
+from pipelines.config import ConfigError
 from pipelines.scheduled_eval import claims
-from pipelines.scheduled_eval.config import ConfigError, ScheduledEvalConfig
+from pipelines.scheduled_eval.config import ScheduledEvalConfig
 
 CHECKPOINT_DIR = re.compile(r"/checkpoints/step_(\d+)/checkpoint\.json$")
 SUITE_TAG = "clip_ray.suite"

@@ -5,7 +5,8 @@ See `--help` for every option."""
 import json
 import sys
 
-from pipelines.train.config import ConfigError, load_config
+from pipelines.config import ConfigError
+from pipelines.train.config import load_config
 
 
 def main() -> None:

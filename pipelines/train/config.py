@@ -8,31 +8,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from pipelines.config import Section, add_config_arguments, check_uri, data_from_args, parse_yaml, validate
 
 CHECKPOINTS_DIR = "checkpoints"
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message is one sentence naming the field and the fix."""
-
-
-def _check_uri(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must not be empty")
-    # The config is dumped beside the output and logged to MLflow, so secrets must not live in it.
-    if "://" in value and urlsplit(value).password is not None:
-        raise ValueError("must not embed credentials; set them in the AWS_* environment variables instead")
-    return value
-
-
-class TrainConfig(BaseModel):
-    # A misspelt key must fail loudly rather than silently fall back to a default.
-    model_config = ConfigDict(extra="forbid")
-
+class TrainConfig(Section):
     data: list[str]  # ingest output folders, manifest.json URIs or brace patterns of tar URIs
     model: str
     steps: int = Field(gt=0)  # optimizer steps
@@ -78,14 +62,14 @@ class TrainConfig(BaseModel):
     @field_validator("output", "resume", "eval_config")
     @classmethod
     def _uri(cls, value: str | None) -> str | None:
-        return None if value is None else _check_uri(value).rstrip("/")
+        return None if value is None else check_uri(value).rstrip("/")
 
     @field_validator("data")
     @classmethod
     def _data_uris(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("needs at least one ingest output, manifest or shard pattern")
-        return [_check_uri(v) for v in value]
+        return [check_uri(v) for v in value]
 
     @field_validator("run_name", "registered_model", "resume", "eval_config", mode="before")
     @classmethod
@@ -148,10 +132,6 @@ class TrainConfig(BaseModel):
     # -----------------------------------------------------------------------------------------------------
     # YAML in and out
 
-    def to_yaml(self) -> str:
-        """The resolved config as YAML, every field included, in declaration order."""
-        return yaml.safe_dump(self.model_dump(mode="python"), sort_keys=False, allow_unicode=True)
-
     def flat_params(self) -> dict[str, str]:
         """Every field as an MLflow param (lists joined, values stringified)."""
         return {
@@ -161,65 +141,12 @@ class TrainConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, text: str) -> TrainConfig:
-        return validate_config(_parse_yaml(text, "the YAML text"))
-
-
-def _parse_yaml(text: str, where: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must hold a mapping of config fields, not a {type(data).__name__}")
-    return data
-
-
-def _read_yaml_file(uri: str) -> dict[str, Any]:
-    from pipelines import storage
-
-    try:
-        text = storage.read_bytes(uri).decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {uri} does not exist; check the --config path") from None
-    return _parse_yaml(text, f"config file {uri}")
+        return validate_config(parse_yaml(text, "the YAML text"))
 
 
 def validate_config(data: dict[str, Any]) -> TrainConfig:
     """Build a TrainConfig, turning pydantic's errors into one sentence that names each bad field."""
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_explain(e)) from None
-
-
-def _explain(error: ValidationError) -> str:
-    problems = []
-    for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"] if not isinstance(part, int))
-        flag = _FLAG_FOR_FIELD.get(field)
-        where = f"{field} (--{flag})" if flag else field or "the config"
-        if item["type"] == "missing":
-            problems.append(f"{where} is required")
-        elif item["type"] == "extra_forbidden":
-            problems.append(f"{where} is not a known field (misspelt?)")
-        else:
-            message = item["msg"].removeprefix("Value error, ")
-            if isinstance(item.get("input"), dict):  # a check across fields: the message names them
-                problems.append(message)
-            else:
-                problems.append(f"{where} = {_redacted(item.get('input'))!r}: {message}")
-    return "Invalid training config: " + "; ".join(problems) + "."
-
-
-def _redacted(value: Any) -> Any:
-    # Error messages reach logs; a URI with an embedded password must not carry it there.
-    if isinstance(value, str) and "://" in value:
-        parts = urlsplit(value)
-        if parts.password is not None:
-            return value.replace(f":{parts.password}@", ":***@", 1)
-    return value
+    return validate(TrainConfig, data, "training config", _FLAG_FOR_FIELD)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -260,6 +187,7 @@ _SWITCHES = (
     ("compile", "compile", "torch.compile the model"),
 )
 _FLAG_FOR_FIELD = {path: flag for flag, path, _ in _OPTIONS + _SWITCHES} | {"data": "data"}
+_SET_EXAMPLE = "shuffle_buffer=5000"
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -267,46 +195,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
         prog="python -m pipelines.train",
         description="CLIP contrastive pretraining on Ray Train from WebDataset shards.",
     )
-    parser.add_argument(
-        "--config", help="YAML file (local or s3://) with the config; options below override it"
-    )
-    # Unset options stay absent from the namespace, so only what the user typed overrides the YAML.
+    # --data takes several URIs; it is a list field, unlike every other flag.
     parser.add_argument(
         "--data", nargs="+", default=argparse.SUPPRESS, help="ingest outputs, manifests or tar patterns"
     )
-    for flag, path, help_text in _OPTIONS:
-        parser.add_argument(f"--{flag}", dest=path, default=argparse.SUPPRESS, help=help_text)
-    for flag, path, help_text in _SWITCHES:
-        parser.add_argument(
-            f"--{flag}", dest=path, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-            help=help_text,
-        )  # fmt: skip
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override any field, e.g. --set shuffle_buffer=5000 (VALUE is YAML)",
-    )
+    add_config_arguments(parser, _OPTIONS, _SWITCHES, _SET_EXAMPLE)
     return parser
 
 
 def load_config(argv: Sequence[str] | None = None) -> TrainConfig:
     """The validated config from `--config FILE.yaml` (optional) and command-line overrides."""
-    args = vars(build_arg_parser().parse_args(argv))
-    config_uri = args.pop("config", None)
-    overrides = args.pop("overrides")
-    data = _read_yaml_file(config_uri) if config_uri else {}
-    data.update(args)
-    for item in overrides:
-        path, sep, text = item.partition("=")
-        if not sep or not path.strip():
-            raise ConfigError(f"--set {item!r} must look like FIELD=VALUE, e.g. --set shuffle_buffer=5000")
-        try:
-            data[path.strip()] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            data[path.strip()] = text
+    data = data_from_args(build_arg_parser().parse_args(argv), _SET_EXAMPLE)
     return validate_config(data)
 
 

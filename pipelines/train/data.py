@@ -449,8 +449,7 @@ class RankStreams(IterableDataset):
 
 
 def _worker_init(worker_id: int) -> None:
-    # Workers are forked: a boto3 client cached by the parent shares its sockets and must not be reused.
-    storage._cached_boto3_client.cache_clear()
+    storage.forget_clients()  # workers are forked
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -118,19 +118,8 @@ def train_step(
     with autocast_context(images.device.type, precision):
         out = model(images, texts, output_dict=True)
         loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        if grad_clip_norm is not None:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(_params(optimizer), grad_clip_norm)
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        if grad_clip_norm is not None:
-            nn.utils.clip_grad_norm_(_params(optimizer), grad_clip_norm)
-        optimizer.step()
-    clamp_logit_scale(model)
+    _backward(loss, scaler)
+    _step(model, optimizer, grad_clip_norm, scaler)
     return loss.detach()
 
 
@@ -174,23 +163,33 @@ def accumulated_train_step(
                 all_images = torch.cat(image_features[:j] + [out["image_features"]] + image_features[j + 1 :])
                 all_texts = torch.cat(text_features[:j] + [out["text_features"]] + text_features[j + 1 :])
                 loss = loss_fn(all_images, all_texts, logit_scale)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
+            _backward(loss, scaler)
+    _step(model, optimizer, grad_clip_norm, scaler)
+    return loss.detach()
 
-    if scaler is not None:
-        if grad_clip_norm is not None:
+
+def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    (loss if scaler is None else scaler.scale(loss)).backward()
+
+
+def _step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    grad_clip_norm: float | None,
+    scaler: torch.amp.GradScaler | None,
+) -> None:
+    """Clip (on unscaled gradients), step the optimizer (through the scaler with fp16) and clamp the logit
+    scale."""
+    if grad_clip_norm is not None:
+        if scaler is not None:
             scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(_params(optimizer), grad_clip_norm)
+        nn.utils.clip_grad_norm_(_params(optimizer), grad_clip_norm)
+    if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
-        if grad_clip_norm is not None:
-            nn.utils.clip_grad_norm_(_params(optimizer), grad_clip_norm)
         optimizer.step()
     clamp_logit_scale(model)
-    return loss.detach()
 
 
 def _params(optimizer: torch.optim.Optimizer) -> Iterable[torch.Tensor]:

@@ -95,13 +95,18 @@ def add_config_arguments(
             f"--{flag}", dest=path, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
             help=help_text,
         )  # fmt: skip
+    add_set_argument(parser, set_example)
+
+
+def add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """Repeatable `--set FIELD=VALUE` into `overrides`, for apply_overrides."""
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help=f"override any field by its dotted path, e.g. --set {set_example} (VALUE is YAML)",
+        help=f"override any field by its dotted path, e.g. --set {example} (VALUE is YAML)",
     )
 
 

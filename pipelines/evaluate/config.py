@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipelines.config import ConfigError, Section, apply_overrides, read_yaml, validate
+from pipelines.config import ConfigError, Section, add_set_argument, apply_overrides, read_yaml, validate
 
 Task = Literal["zeroshot_classification", "zeroshot_retrieval", "linear_probe"]
 TASKS: tuple[str, ...] = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
@@ -158,14 +158,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experiment", help="MLflow experiment (default: the suite's)")
     parser.add_argument("--results", help="write the metrics per dataset as JSON here (local or s3://)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a suite field by its dotted path, e.g. --set batch_size=128 (VALUE is YAML)",
-    )
+    add_set_argument(parser, "batch_size=128")
     return parser
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from clip_core import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from pipelines import storage
 from pipelines.evaluate.config import DatasetConfig
+from pipelines.shards import IMAGE_EXTS, tar_samples
 
-IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 _STATS_NAME = re.compile(r"(^|/)\d+_stats\.json$")
@@ -182,22 +182,8 @@ def read_item(item: dict, captions_in_lines: bool = False) -> Iterator[dict]:
         yield {"key": uri, "image": storage.read_bytes(uri), "label": int(item["label"]), "captions": []}
         return
     with storage.open_read(uri) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-        current_key, members = None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            folder, _, base = member.name.rpartition("/")
-            key, _, ext = base.partition(".")
-            key = f"{folder}/{key}" if folder else key
-            if key != current_key:
-                if members:
-                    sample = _sample(uri, current_key, members, captions_in_lines)
-                    if sample is not None:
-                        yield sample
-                current_key, members = key, {}
-            members[ext.lower()] = tar.extractfile(member).read()
-        if members:
-            sample = _sample(uri, current_key, members, captions_in_lines)
+        for key, members in tar_samples(tar):
+            sample = _sample(uri, key, members, captions_in_lines)
             if sample is not None:
                 yield sample
 

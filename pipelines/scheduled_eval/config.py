@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from pipelines import storage
-from pipelines.config import Section, apply_overrides, check_uri, read_yaml, validate
+from pipelines.config import Section, add_set_argument, apply_overrides, check_uri, read_yaml, validate
 
 
 class ScheduledEvalConfig(Section):
@@ -100,12 +100,5 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--watch", type=float, metavar="SECONDS", help="run a pass every SECONDS until interrupted"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a config field, e.g. --set mode=min (VALUE is YAML)",
-    )
+    add_set_argument(parser, "mode=min")
     return parser

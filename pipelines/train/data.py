@@ -73,11 +73,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 import clip_core
 from pipelines import storage
 from pipelines.ingest import writer
+from pipelines.shards import IMAGE_EXTS, tar_samples
 
 log = logging.getLogger(__name__)
 
 POSITION_FORMAT = 1
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXT = "txt"
 READ_ATTEMPTS = 3
 RETRY_PAUSE_S = 0.2
@@ -252,27 +252,9 @@ def read_shard_part(
 
 
 def _samples_in_tar(tar: tarfile.TarFile, epoch: int) -> Iterator[RawSample]:
-    """Group consecutive members by key (WebDataset: the name up to the first dot of the basename)."""
-    key, members = None, {}
-    for member in tar:
-        if not member.isfile():
-            continue
-        folder, _, base = member.name.rpartition("/")
-        stem, _, ext = base.partition(".")
-        member_key = f"{folder}/{stem}" if folder else stem
-        if member_key != key and key is not None:
-            yield _raw_sample(key, members, epoch)
-            members = {}
-        key = member_key
-        if ext in IMAGE_EXTS or ext == CAPTION_EXT:
-            members[ext] = tar.extractfile(member).read()
-    if key is not None:
-        yield _raw_sample(key, members, epoch)
-
-
-def _raw_sample(key: str, members: dict[str, bytes], epoch: int) -> RawSample:
-    image = next((members[ext] for ext in IMAGE_EXTS if ext in members), None)
-    return RawSample(key, epoch, image, members.get(CAPTION_EXT))
+    for key, members in tar_samples(tar, keep=(*IMAGE_EXTS, CAPTION_EXT)):
+        image = next((members[ext] for ext in IMAGE_EXTS if ext in members), None)
+        yield RawSample(key, epoch, image, members.get(CAPTION_EXT))
 
 
 def stream_raw_samples(

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 
@@ -52,10 +53,37 @@ def tree_rss(root: int) -> int:
     return sum(rss.get(pid, 0) for pid in tree)
 
 
-def ingest_peak_rss(rows: int, names: list[str], port: int, work: Path, env: dict, head_pid: int) -> dict:
-    url_list = work / f"urls-{rows}.parquet"
+def write_url_list(path: Path, rows: int, names: list[str], port: int, caption: str) -> Path:
+    """A Parquet URL list of `rows` rows cycling through the served `names` (each URL distinct)."""
     urls = [f"http://127.0.0.1:{port}/{names[i % len(names)]}?row={i}" for i in range(rows)]
-    pq.write_table(pa.table({"url": urls, "caption": [f"photo {i}" for i in range(rows)]}), url_list)
+    pq.write_table(pa.table({"url": urls, "caption": [f"{caption} {i}" for i in range(rows)]}), path)
+    return path
+
+
+def submit_ingest(
+    env: dict,
+    url_list: Path,
+    output: Path,
+    submit_options: Sequence[str] = (),
+    ingest_options: Sequence[str] = (),
+) -> float:
+    """Run the ingest job through `ray job submit` on the stack (256 px, keep_ratio, 1,000 rows per shard)
+    and return its wall-clock seconds; stops the benchmark with the job's output if it fails."""
+    command = [
+        sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", env["RAY_API_SERVER_ADDRESS"],
+        *submit_options, "--", sys.executable, "-m", "pipelines.ingest", "--input", str(url_list), "--output", str(output),
+        "--image-size", "256", "--resize-mode", "keep_ratio", "--samples-per-shard", "1000", "--allow-private-networks",
+        *ingest_options,
+    ]  # fmt: skip
+    started = time.time()
+    job = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)
+    if job.returncode != 0:
+        raise SystemExit(f"ingest into {output} failed:\n{job.stdout[-4000:]}\n{job.stderr[-4000:]}")
+    return time.time() - started
+
+
+def ingest_peak_rss(rows: int, names: list[str], port: int, work: Path, env: dict, head_pid: int) -> dict:
+    url_list = write_url_list(work / f"urls-{rows}.parquet", rows, names, port, "photo")
     head = head_pid
     baseline = tree_rss(head)
     peak, done = [baseline], threading.Event()
@@ -67,18 +95,11 @@ def ingest_peak_rss(rows: int, names: list[str], port: int, work: Path, env: dic
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    command = [
-        sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", env["RAY_API_SERVER_ADDRESS"],
-        "--", sys.executable, "-m", "pipelines.ingest", "--input", str(url_list), "--output", str(work / f"out-{rows}"),
-        "--image-size", "256", "--resize-mode", "keep_ratio", "--samples-per-shard", "1000", "--allow-private-networks",
-    ]  # fmt: skip
-    started = time.time()
-    job = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)
-    seconds = time.time() - started
-    done.set()
-    sampler.join()
-    if job.returncode != 0:
-        raise SystemExit(f"ingest of {rows} rows failed:\n{job.stdout[-4000:]}\n{job.stderr[-4000:]}")
+    try:
+        seconds = submit_ingest(env, url_list, work / f"out-{rows}")
+    finally:
+        done.set()
+        sampler.join()
     return {
         "rows": rows,
         "seconds": round(seconds, 1),

@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,11 +23,8 @@ import uuid
 from datetime import date
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest_memory import tree_rss  # noqa: E402
+from ingest_memory import submit_ingest, tree_rss, write_url_list  # noqa: E402
 from ingest_vs_img2dataset import REPO, generate_images, start_nginx  # noqa: E402
 
 from infra import local  # noqa: E402
@@ -76,9 +72,7 @@ def ingest(
     afterwards unless keep_output."""
     from ray.job_submission import JobSubmissionClient
 
-    url_list = work / f"urls-{rows}.parquet"
-    urls = [f"http://127.0.0.1:{port}/{names[i % len(names)]}?row={i}" for i in range(rows)]
-    pq.write_table(pa.table({"url": urls, "caption": [f"photo number {i}" for i in range(rows)]}), url_list)
+    url_list = write_url_list(work / f"urls-{rows}.parquet", rows, names, port, "photo number")
     output = work / f"out-{rows}"
     submission_id = f"ingest-scaling-{rows}-{uuid.uuid4().hex[:8]}"
     jobs = JobSubmissionClient(env["RAY_API_SERVER_ADDRESS"])
@@ -98,19 +92,13 @@ def ingest(
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    command = [
-        sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", env["RAY_API_SERVER_ADDRESS"],
-        "--submission-id", submission_id, "--", sys.executable, "-m", "pipelines.ingest", "--input", str(url_list), "--output", str(output),
-        "--image-size", "256", "--resize-mode", "keep_ratio", "--samples-per-shard", "1000",
-        "--allow-private-networks", "--set", "dedup.content=false",
-    ]  # fmt: skip
-    started = time.time()
-    job = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)
-    seconds = time.time() - started
-    done.set()
-    sampler.join()
-    if job.returncode != 0:
-        raise SystemExit(f"ingest of {rows} rows failed:\n{job.stdout[-4000:]}\n{job.stderr[-4000:]}")
+    try:
+        seconds = submit_ingest(
+            env, url_list, output, ["--submission-id", submission_id], ["--set", "dedup.content=false"]
+        )
+    finally:
+        done.set()
+        sampler.join()
     sizes = output_bytes(output)
     if not keep_output:
         shutil.rmtree(output)  # 100k samples are a few GB; keep the disk for the next size

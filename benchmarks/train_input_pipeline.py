@@ -104,19 +104,18 @@ def train_rate(model, loss_fn, optimizer, next_batch, steps: int, batch_size: in
     return steps * batch_size / (time.perf_counter() - start), (time.thread_time() - start_cpu) / steps
 
 
+def shard_loader(shards, args, image_size: int, workers: int) -> data.TrainLoader:
+    """One rank's loader over every shard, as a 1-worker training run has it."""
+    return data.TrainLoader(
+        shards, rank=0, world_size=1, local_batch_size=args.batch_size, image_size=image_size,
+        num_workers=workers, shuffle_buffer=args.shuffle_buffer, seed=0,
+    )  # fmt: skip
+
+
 def loader_rate(shards, args, image_size: int, workers: int) -> dict:
     """Samples/s of the loader alone over epochs 2..n (epoch 1 warms up), and its first batch's delay."""
     epoch_batches = sum(s.num_samples for s in shards) // args.batch_size
-    loader = data.TrainLoader(
-        shards,
-        rank=0,
-        world_size=1,
-        local_batch_size=args.batch_size,
-        image_size=image_size,
-        num_workers=workers,
-        shuffle_buffer=args.shuffle_buffer,
-        seed=0,
-    )
+    loader = shard_loader(shards, args, image_size, workers)
     timed_samples = epoch_batches * (args.raw_epochs - 1) * args.batch_size
     with loader:
         started = time.perf_counter()
@@ -213,16 +212,7 @@ def main() -> None:
     optimizer = create_optimizer(model, lr=1e-4, weight_decay=0.1)
 
     synthetic = synthetic_batch(args.batch_size, image_size)
-    loader = data.TrainLoader(
-        shards,
-        rank=0,
-        world_size=1,
-        local_batch_size=args.batch_size,
-        image_size=image_size,
-        num_workers=args.workers,
-        shuffle_buffer=args.shuffle_buffer,
-        seed=0,
-    )
+    loader = shard_loader(shards, args, image_size, args.workers)
     sources = {"synthetic": lambda: synthetic, "shards": lambda: next(loader)}
     for next_batch in sources.values():
         train_rate(model, loss_fn, optimizer, next_batch, args.warmup, args.batch_size)

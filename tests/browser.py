@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,21 +238,3 @@ class _Tab:
         if "exceptionDetails" in result:
             raise BrowserError(f"page script failed: {result['exceptionDetails'].get('text')}.")
         return result["result"]["value"]
-
-
-@contextlib.contextmanager
-def headless_chromium(window: tuple[int, int] = (1440, 1000)) -> Iterator[HeadlessChromium]:
-    with HeadlessChromium(window) as browser:
-        yield browser
-
-
-def open_page(
-    url: str,
-    screenshot: Path,
-    wait_for: Sequence[str] = (),
-    timeout: float = 60.0,
-    wait_for_selector: str | None = None,
-) -> Page:
-    """Open one URL in a fresh headless Chromium; see HeadlessChromium.open."""
-    with HeadlessChromium() as browser:
-        return browser.open(url, screenshot, wait_for, timeout, wait_for_selector)

@@ -1,5 +1,5 @@
 """The evaluation job: load a checkpoint, run every dataset and task of a suite (image features on Ray Data,
-text features and metrics in the driver), log to MLflow and return the metrics. `evaluate_checkpoint` is the
+text features and metrics in the driver), log to MLflow and return the metrics. `run_evaluation` is the
 entry point the CLI, the scheduled evaluation and tests share.
 """
 
@@ -247,20 +247,6 @@ class Evaluation:
     step: int | None
 
 
-def evaluate_checkpoint(
-    checkpoint_uri: str,
-    model: str,
-    suite: SuiteConfig,
-    experiment: str | None = None,
-    parent_run_id: str | None = None,
-    step: int | None = None,
-) -> dict[str, float]:
-    """Evaluate one checkpoint on every dataset and task of the suite, logged to MLflow; returns
-    `{"zeroshot/<dataset>/acc1": value, ...}` (NaN where a metric is undefined, e.g. acc5 with fewer than 5
-    classes). See `run_evaluation`."""
-    return run_evaluation(checkpoint_uri, model, suite, experiment, parent_run_id, step).metrics
-
-
 def run_evaluation(
     checkpoint_uri: str,
     model: str,
@@ -270,7 +256,8 @@ def run_evaluation(
     step: int | None = None,
     log_mlflow: bool = True,
 ) -> Evaluation:
-    """Evaluate one checkpoint on every dataset and task of the suite.
+    """Evaluate one checkpoint on every dataset and task of the suite. Its metrics are
+    `{"zeroshot/<dataset>/acc1": value, ...}`, NaN where a metric is undefined (acc5 with fewer than 5 classes).
 
     A training checkpoint folder's checkpoint.json supplies parent_run_id and step when they are not given;
     the metrics are then also logged into that training run at that step. Needs a Ray cluster for the image

@@ -18,7 +18,6 @@ from pipelines.config import (
     check_uri,
     data_from_args,
     parse_yaml,
-    read_yaml,
     validate,
 )
 
@@ -186,10 +185,6 @@ class IngestConfig(Section):
     @classmethod
     def from_yaml(cls, text: str) -> IngestConfig:
         return validate_config(parse_yaml(text, "the YAML text"))
-
-    @classmethod
-    def from_yaml_file(cls, uri: str) -> IngestConfig:
-        return validate_config(read_yaml(uri))
 
 
 def validate_config(data: dict[str, Any]) -> IngestConfig:

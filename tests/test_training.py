@@ -10,6 +10,7 @@ import torch
 
 import clip_core
 from clip_core.training import adamw_param_groups, create_optimizer, train_step
+from tests.gradients import assert_gradients_close, assert_weights_close, zero_gradient_entries
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,6 +43,10 @@ def test_no_weight_decay_on_gains_biases_embeddings_and_logit_scale():
     assert undecayed == {n for n, p in model.named_parameters() if exclude(n, p)}
 
 
+def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+
+
 def test_train_step_matches_openclip_trainer_step():
     torch.manual_seed(0)
     theirs = open_clip.create_model("ViT-Tiny-16", output_dict=True)
@@ -51,21 +56,46 @@ def test_train_step_matches_openclip_trainer_step():
 
     their_opt = torch.optim.AdamW(adamw_param_groups(theirs, 0.2), lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
     our_opt = create_optimizer(ours, lr=1e-3, weight_decay=0.2)
+    # The same optimizer: hyperparameters and parameter membership, group by group.
+    names = {id(p): n for n, p in ours.named_parameters()} | {id(p): n for n, p in theirs.named_parameters()}
+    for our_group, their_group in zip(our_opt.param_groups, their_opt.param_groups, strict=True):
+        for key in ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"):
+            assert our_group[key] == their_group[key], key
+        assert [names[id(p)] for p in our_group["params"]] == [names[id(p)] for p in their_group["params"]]
+
     their_loss_fn = open_clip.ClipLoss()
     for _ in range(3):
         their_opt.zero_grad()
         out = theirs(images, texts)
         their_loss = sum(their_loss_fn(**out, output_dict=True).values())
         their_loss.backward()
+        their_grads = _gradients(theirs)
         their_opt.step()
         with torch.no_grad():
             theirs.logit_scale.clamp_(0, math.log(100))
+        # train_step leaves this step's gradients in .grad (it clears them at the start of the next step).
         our_loss = train_step(ours, clip_core.ClipLoss(), our_opt, images, texts)
         assert our_loss.item() == pytest.approx(their_loss.item(), rel=1e-5, abs=1e-6)
+        assert_gradients_close(_gradients(ours), their_grads, rel=1e-4)
 
-    their_state = theirs.state_dict()
-    for name, value in ours.state_dict().items():
-        torch.testing.assert_close(value, their_state[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_weights_close(ours.state_dict(), theirs.state_dict(), rtol=1e-4, atol=1e-5)
+
+
+def test_key_biases_have_no_true_gradient():
+    # What tests.gradients leaves out of weight comparisons must really be outside every loss's reach.
+    torch.manual_seed(0)
+    model = clip_core.create_model("ViT-Tiny-16")
+    images, texts = _batch()
+    out = model(images, texts, output_dict=True)
+    clip_core.ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"]).backward()
+    grads = _gradients(model)
+    skipped = {name: zero_gradient_entries(name, g) for name, g in grads.items()}
+    skipped = {name: s for name, s in skipped.items() if s is not None}
+    assert len(skipped) == 2 * 2  # ViT-Tiny-16: 2 image and 2 text blocks (see its config)
+    for name, entries in skipped.items():
+        whole = grads[name].norm()
+        assert whole > 0, name
+        assert grads[name][entries].norm() < 1e-4 * whole, name
 
 
 def test_logit_scale_is_clamped_at_100():

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import io
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -345,15 +346,55 @@ def delete(uri: str | os.PathLike, recursive: bool = False, settings: S3Settings
             client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
 
 
+def version(uri: str | os.PathLike, settings: S3Settings | None = None) -> dict[str, Any]:
+    """What identifies a file's content without reading it: size and ETag on S3, size and modification time
+    on local disk."""
+    if not is_s3(uri):
+        stat = _local(uri).stat()
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    bucket, key = split_s3(str(uri))
+    head = boto3_client(settings).head_object(Bucket=bucket, Key=key)
+    return {"size": head["ContentLength"], "etag": head["ETag"].strip('"')}
+
+
+def remove_unfinished_writes(uri: str | os.PathLike, settings: S3Settings | None = None) -> int:
+    """Remove what killed writers left under a directory or prefix: the temporary files of local atomic
+    writes, the unfinished multipart uploads on S3. Only for a location no writer is using; returns how many."""
+    if not is_s3(uri):
+        root = _local(uri)
+        removed = 0
+        for dirpath, _, names in os.walk(root):
+            for name in names:
+                if _UNFINISHED_LOCAL.match(name):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(dirpath, name))
+                        removed += 1
+        return removed
+    client = boto3_client(settings)
+    bucket, key = split_s3(str(uri))
+    prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+    removed = 0
+    for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
+        for upload in page.get("Uploads", []):
+            client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            removed += 1
+    return removed
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Atomic writers
+
+
+# A local atomic write goes to ".{name}.{random}.partial" beside its target until it is renamed over it.
+_PARTIAL_SUFFIX = ".partial"
+_UNFINISHED_LOCAL = re.compile(r"^\..+\.[A-Za-z0-9_]+\.partial$")
 
 
 @contextlib.contextmanager
 def _local_atomic_writer(target: Path) -> Iterator[IO[bytes]]:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Same directory as the target, so the final rename never crosses filesystems.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_PARTIAL_SUFFIX, dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

@@ -175,7 +175,7 @@ def test_every_input_row_is_one_output_row_with_the_expected_status(uninterrupte
     assert not mismatched
     assert all(o["error_message"] for o in out if o["status"] != "success")
     assert manifest["complete"] and manifest["totals"]["count"] == len(rows)
-    assert not storage.list_files(storage.join(output, job.STAGING_DIR))
+    assert not storage.list_files(storage.join(output, writer.STAGING_DIR))
 
 
 def test_duplicates_name_the_first_occurrence_which_is_kept(uninterrupted):
@@ -229,8 +229,8 @@ def test_a_run_killed_mid_way_resumes_to_the_uninterrupted_result(uninterrupted,
     # Kill once some shard is staged or committed, and before the run finishes.
     while time.time() < deadline and first.poll() is None:
         staged = (
-            storage.list_files(storage.join(output, job.STAGING_DIR))
-            if Path(output, job.STAGING_DIR).exists()
+            storage.list_files(storage.join(output, writer.STAGING_DIR))
+            if Path(output, writer.STAGING_DIR).exists()
             else []
         )
         if staged or writer.committed_shards(output):

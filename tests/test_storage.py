@@ -2,6 +2,9 @@
 
 import dataclasses
 import os
+import signal
+import subprocess
+import sys
 
 import fsspec
 import pytest
@@ -230,3 +233,49 @@ def test_explicit_settings_work_without_any_aws_environment(local_stack, s3_pref
     fs, path = storage.pyarrow_filesystem(uri, local_stack.s3_settings)
     with fs.open_input_stream(path) as f:
         assert f.read() == b"explicit"
+
+
+def _killed_writer(uri: str, size: int, env: dict) -> None:
+    """A process that dies (SIGKILL) in the middle of an open_write, after `size` bytes of 5 MiB parts."""
+    script = (
+        "import os, signal, sys\n"
+        "from pipelines import storage\n"
+        "with storage.open_write(sys.argv[1], part_size=5 * 1024 * 1024) as out:\n"
+        "    out.write(os.urandom(int(sys.argv[2])))\n"
+        "    out.flush()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, uri, str(size)], env=env, timeout=120)
+    assert result.returncode == -signal.SIGKILL
+
+
+def test_remove_unfinished_writes_clears_what_killed_writers_left_and_nothing_else(root):
+    storage.write_bytes(storage.join(root, "kept.bin"), b"finished")
+    storage.write_bytes(storage.join(root, "sub", ".hidden.partial.txt"), b"not ours")
+    for name in ("a.tar", "sub/b.parquet"):
+        _killed_writer(storage.join(root, name), 6 * MiB, dict(os.environ))
+    if storage.is_s3(root):
+        client = storage.boto3_client()
+        bucket, key = storage.split_s3(root)
+        uploads = client.list_multipart_uploads(Bucket=bucket, Prefix=key + "/").get("Uploads", [])
+        assert len(uploads) == 2
+    else:
+        assert len([e for e in storage.list_files(root) if e.uri.endswith(".partial")]) == 2
+    assert storage.remove_unfinished_writes(root) == 2
+    assert [e.uri.removeprefix(root) for e in storage.list_files(root)] == [
+        "/kept.bin",
+        "/sub/.hidden.partial.txt",
+    ]
+    if storage.is_s3(root):
+        assert not client.list_multipart_uploads(Bucket=bucket, Prefix=key + "/").get("Uploads", [])
+    assert storage.remove_unfinished_writes(root) == 0
+
+
+def test_version_tells_a_changed_file_from_the_same_one(root):
+    uri = storage.join(root, "urls.parquet")
+    storage.write_bytes(uri, b"first content")
+    first = storage.version(uri)
+    assert first["size"] == len(b"first content") and first == storage.version(uri)
+    storage.write_bytes(uri, b"other content, longer")
+    assert storage.version(uri) != first
+    assert storage.version(uri)["size"] == len(b"other content, longer")

@@ -1,6 +1,7 @@
 """The ingest job on Ray Data: URL + caption lists to WebDataset tars and Parquet, one shard per unit of work.
 
 It runs top to bottom like the pipeline:
+  0. prepare    refuse an unsafe output or another run's output; remove what killed writes left
   1. plan       split the input into shards (same rows every time); committed shards are skipped
   2. url dedup  over the whole input, first occurrence by input order wins (hash-partitioned on Ray)
   3. stage      per shard: read rows, download, decode + resize, filter -> staged Parquet with image bytes
@@ -27,26 +28,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from pipelines import storage
-from pipelines.ingest import dedup, reader, writer
+from pipelines import failpoints, storage
+from pipelines.ingest import dedup, output, reader, writer
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.downloader import Downloader
 from pipelines.ingest.filters import FILTERED, SUCCESS, ClipScorer, FilterConfig, filter_reasons
 from pipelines.ingest.resizer import Resizer
 
-STAGING_DIR = "_staging"
 # Rows downloaded together; the next chunk downloads while this one is decoded and resized.
 DOWNLOAD_CHUNK = 256
 DECODE_THREADS = 2
 SUMMARY_EVERY_S = 5.0
 # Up to this many input rows, run-wide dedup gathers its keys in the driver instead of shuffling on Ray.
 DRIVER_DEDUP_MAX_ROWS = 5_000_000
-# What stage 3 adds to each row (the CLIP score comes later, in stage 4).
-RESULT_COLUMNS = tuple(c for c in reader.OUTPUT_COLUMNS if c != "clip_score")
-
-
-def staged_uri(output: str, shard_id: int) -> str:
-    return storage.join(output, STAGING_DIR, f"{writer.shard_name(shard_id)}.parquet")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -92,10 +86,8 @@ class ShardStager:
                 list(decode.map(self._decode_and_filter, [rows[i] for i in chunk], results))
                 # Workers' output reaches the driver's log, so long shards show progress every few seconds.
                 progress.add(Counter(rows[i]["status"] for i in chunk))
-        for row in rows:
-            for column in RESULT_COLUMNS:
-                row.setdefault(column, None)
-        return pa.Table.from_pylist(rows, schema=_staged_schema(table.schema))
+        carried = [table.schema.field(name) for name in writer.carried_names(table.column_names)]
+        return pa.Table.from_pylist(rows, schema=writer.staged_schema(carried, scored=False))
 
     def _download(self, rows: list[dict], chunk: list[int]):
         return self.downloader.download_batch([rows[i]["url"] for i in chunk])
@@ -127,20 +119,12 @@ class ShardStager:
         self.downloader.close()
 
 
-def _staged_schema(read_schema: pa.Schema) -> pa.Schema:
-    """The reader's columns, then the result columns typed as the writer types them, plus the image bytes."""
-    typed = {f.name: f.with_nullable(True) for f in writer.TRAILING_FIELDS} | {
-        "image": pa.field("image", pa.binary())
-    }
-    return pa.schema(
-        [f for f in read_schema if f.name not in RESULT_COLUMNS] + [typed[c] for c in RESULT_COLUMNS]
-    )
-
-
-def write_table(uri: str, table: pa.Table) -> None:
+def write_table(uri: str, table: pa.Table, failpoint: str | None = None, shard_id: int | None = None) -> None:
     """Publish a Parquet file atomically: it appears whole or not at all."""
     with storage.open_write(uri) as out:
         pq.write_table(table, out)
+        if failpoint is not None:
+            failpoints.reach(failpoint, shard_id)  # written but not yet published
 
 
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
@@ -169,8 +153,11 @@ class StageShards:
 
     def __call__(self, item: dict) -> dict:
         started = time.time()
-        table = self.stager.stage(self.specs[item["shard_id"]], _from_ipc(item["url_duplicates"]))
-        write_table(staged_uri(self.cfg.output, item["shard_id"]), table)
+        shard_id = item["shard_id"]
+        table = self.stager.stage(self.specs[shard_id], _from_ipc(item["url_duplicates"]))
+        failpoints.reach("stage.shard_done", shard_id)
+        write_table(writer.staged_uri(self.cfg.output, shard_id), table, "stage.shard_writing", shard_id)
+        failpoints.reach("stage.shard_written", shard_id)
         counts = Counter(table["status"].to_pylist())
         return {"shard_id": item["shard_id"], "counts": json.dumps(counts), "seconds": time.time() - started}
 
@@ -184,12 +171,15 @@ class ScoreShards:
         self.scorer = ClipScorer(score.checkpoint, score.model, score.threshold, score.batch_size, device)
 
     def __call__(self, item: dict) -> dict:
-        uri = staged_uri(self.cfg.output, item["shard_id"])
+        uri = writer.staged_uri(self.cfg.output, item["shard_id"])
         table = read_table(uri)
         if "clip_score" not in table.column_names:
-            scored = self.scorer(table.to_pandas())
-            table = pa.Table.from_pandas(scored, preserve_index=False)
-            write_table(uri, table)
+            carried = [table.schema.field(name) for name in writer.carried_names(table.column_names)]
+            schema = writer.staged_schema(carried, scored=True)
+            scored = pa.Table.from_pandas(self.scorer(table.to_pandas()), preserve_index=False)
+            # Back to the staged types: pandas turns integer columns with nulls into floats.
+            write_table(uri, scored.select(schema.names).cast(schema))
+            failpoints.reach("score.shard_written", item["shard_id"])
         return {"shard_id": item["shard_id"]}
 
 
@@ -200,11 +190,12 @@ class WriteShards:
         self.cfg = IngestConfig.from_yaml(cfg_yaml)
 
     def __call__(self, item: dict) -> dict:
-        uri = staged_uri(self.cfg.output, item["shard_id"])
+        uri = writer.staged_uri(self.cfg.output, item["shard_id"])
         table = read_table(uri)
         if self.cfg.dedup.content:
             table = dedup.apply_duplicates(table, _from_ipc(item["content_duplicates"]), "content")
         stats = writer.write_shard(self.cfg.output, item["shard_id"], table)
+        failpoints.reach("write.committed", item["shard_id"])
         storage.delete(uri)
         return {"shard_id": item["shard_id"], "counts": json.dumps(stats["counts"])}
 
@@ -221,6 +212,17 @@ class ReadUrls:
     def __call__(self, batch: dict) -> pa.Table:
         tables = [reader.read_shard(self.cfg, self.specs[int(s)]) for s in batch["shard_id"]]
         return pa.concat_tables([t.select(["row_index", "key", "url"]) for t in tables])
+
+
+# What content dedup reads from each shard, typed the same whether the shard is staged or committed.
+HASH_SCHEMA = pa.schema(
+    [
+        pa.field("row_index", pa.int64()),
+        pa.field("key", pa.string()),
+        pa.field("sha256", pa.string()),
+        pa.field("status", pa.string()),
+    ]
+)
 
 
 class ReadHashes:
@@ -241,8 +243,8 @@ class ReadHashes:
                 status = [SUCCESS if s == "duplicate" and h is not None else s for s, h in zip(status, sha)]
                 table = table.set_column(3, "status", pa.array(status, pa.string()))
             else:
-                table = read_table(staged_uri(self.output, int(shard_id)), columns)
-            tables.append(table)
+                table = read_table(writer.staged_uri(self.output, int(shard_id)), columns)
+            tables.append(table.cast(HASH_SCHEMA))
         return pa.concat_tables(tables)
 
 
@@ -296,11 +298,11 @@ class Progress:
 def run(cfg: IngestConfig) -> dict:
     """Run the whole ingest job; returns the manifest. Needs a Ray cluster (ray.init() is called if none)."""
     started = time.time()
+    # Before anything is written: a safe location, the same run's output (or a fresh one), no leftovers.
+    output.prepare(cfg)
+    storage.write_bytes(storage.join(cfg.output, "config.yaml"), cfg.to_yaml().encode())
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
-    if cfg.incremental_mode == "overwrite":
-        storage.delete(cfg.output, recursive=True)
-    storage.write_bytes(storage.join(cfg.output, "config.yaml"), cfg.to_yaml().encode())
     cfg_yaml = cfg.to_yaml()
     workers = cfg.concurrency.download_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
 
@@ -315,13 +317,14 @@ def run(cfg: IngestConfig) -> dict:
     specs = {spec.shard_id: spec for spec in reader.plan_shards(cfg)}
     num_rows = sum(spec.num_rows for spec in specs.values())
     committed = writer.committed_shards(cfg.output) & set(specs)
-    staged = {s for s in specs if s not in committed and storage.exists(staged_uri(cfg.output, s))}
+    staged = {s for s in specs if s not in committed and storage.exists(writer.staged_uri(cfg.output, s))}
     to_stage = sorted(set(specs) - committed - staged)
     phase(
         "plan",
         f"{num_rows} rows in {len(specs)} shards of up to {cfg.samples_per_shard}: {len(committed)} committed, "
         f"{len(staged)} staged, {len(to_stage)} to download",
     )
+    failpoints.reach("plan.done")
 
     # 2. url dedup over the whole input
     url_duplicates = dedup.DUPLICATES_SCHEMA.empty_table()
@@ -329,6 +332,7 @@ def run(cfg: IngestConfig) -> dict:
         items = [{"shard_id": s} for s in sorted(specs)]
         url_duplicates = run_wide_duplicates(ReadUrls(cfg_yaml, specs), items, "url", num_rows)
         phase("url dedup", f"{url_duplicates.num_rows} repeated urls")
+        failpoints.reach("url_dedup.done")
     by_shard = split_by_shard(url_duplicates, cfg.samples_per_shard, to_stage)
 
     # 3. stage
@@ -366,6 +370,7 @@ def run(cfg: IngestConfig) -> dict:
         items = [{"shard_id": s, "committed": s in committed} for s in sorted(specs)]
         content_duplicates = run_wide_duplicates(ReadHashes(cfg.output), items, "content", num_rows)
         phase("content dedup", f"{content_duplicates.num_rows} repeated images")
+        failpoints.reach("content_dedup.done")
     by_shard = split_by_shard(content_duplicates, cfg.samples_per_shard, pending)
 
     # 6. write
@@ -381,11 +386,13 @@ def run(cfg: IngestConfig) -> dict:
         phase("write shards")
 
     # 7. manifest
+    failpoints.reach("manifest.started")
     manifest = writer.write_manifest(cfg.output, expected_shards=len(specs))
+    failpoints.reach("manifest.written")
     if manifest["complete"]:
         # A kill between a shard's commit and the removal of its staged file can leave one behind; the
         # Parquet copies of text inputs are only needed until every shard is in.
-        storage.delete(storage.join(cfg.output, STAGING_DIR), recursive=True)
+        storage.delete(storage.join(cfg.output, writer.STAGING_DIR), recursive=True)
         storage.delete(storage.join(cfg.output, reader.INPUT_CACHE_DIR), recursive=True)
     manifest["seconds"] = round(time.time() - started, 1)
     return manifest

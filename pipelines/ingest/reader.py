@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipelines import storage
+from pipelines import failpoints, storage
 from pipelines.ingest.config import IngestConfig
 
 FORMAT_OF_EXTENSION = {
@@ -471,6 +471,7 @@ def cache_text_file(
         except (OSError, pa.ArrowException, EOFError) as e:
             raise InputError(f"cannot read {uri} as {fmt}{' (gzip)' if compression else ''}: {e}") from None
         storage.publish_file(local, parquet_uri)
+    failpoints.reach("plan.input_cached")  # the copy is published, its marker not yet written
     marker = {
         "source": source,
         "num_rows": num_rows,

@@ -21,12 +21,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import storage
+from pipelines import failpoints, storage
 
 SUCCESS = "success"
 STATUSES = ("success", "failed_to_download", "failed_to_decode", "filtered", "duplicate")
 IMAGE_EXTS = ("jpg", "png", "webp")
 MANIFEST_NAME = "manifest.json"
+# Shards wait here, images included, between download and the run-wide content dedup.
+STAGING_DIR = "_staging"
 
 # Every tar member gets the same header fields, so the same rows give byte-identical tars whenever and
 # wherever they are written. 2000-01-01: a fixed date that extractors do not flag as implausibly old.
@@ -71,6 +73,10 @@ def parquet_uri(output_uri: str, shard_id: int) -> str:
 
 def stats_uri(output_uri: str, shard_id: int) -> str:
     return storage.join(output_uri, f"{shard_name(shard_id)}_stats.json")
+
+
+def staged_uri(output_uri: str, shard_id: int) -> str:
+    return storage.join(output_uri, STAGING_DIR, f"{shard_name(shard_id)}.parquet")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -121,7 +127,7 @@ def _rows_in_key_order(rows: pa.Table | Iterable[Mapping[str, Any]]) -> tuple[li
     return list(names), iter(listed)
 
 
-def _carried_names(column_names: list[str]) -> list[str]:
+def carried_names(column_names: list[str]) -> list[str]:
     return [name for name in column_names if name not in CANONICAL_NAMES]
 
 
@@ -167,6 +173,13 @@ def _parquet_row(row: Mapping[str, Any], carried: list[str]) -> dict[str, Any]:
 def parquet_schema(carried: list[pa.Field]) -> pa.Schema:
     """The shard Parquet schema: explicit canonical columns with the carried input columns as they came."""
     return pa.schema(LEADING_FIELDS + carried + TRAILING_FIELDS)
+
+
+def staged_schema(carried: list[pa.Field], scored: bool) -> pa.Schema:
+    """A staged shard's schema: the shard Parquet schema, field for field, plus the image bytes. `clip_score`
+    is there only once the shard is scored, so that unscored samples' .json members do not carry it."""
+    fields = [f for f in parquet_schema(carried) if scored or f.name != "clip_score"]
+    return pa.schema([*fields, pa.field("image", pa.binary())])
 
 
 def _carried_fields(rows: Any, carried: list[str], parquet_rows: list[dict]) -> list[pa.Field]:
@@ -224,8 +237,9 @@ def write_shard(
     """
     start_time = time.time()
     storage.delete(stats_uri(output_uri, shard_id), settings=settings)
+    failpoints.reach("write.started", shard_id)
     column_names, ordered = _rows_in_key_order(rows)
-    carried = _carried_names(column_names)
+    carried = carried_names(column_names)
 
     parquet_rows: list[dict[str, Any]] = []
     counts = Counter({status: 0 for status in STATUSES})
@@ -256,14 +270,17 @@ def write_shard(
                     _add_member(tar, f"{key}.txt", ("" if caption is None else str(caption)).encode("utf-8"))
                     meta_json = json.dumps(meta, indent=4, ensure_ascii=False, default=_json_default)
                     _add_member(tar, f"{key}.json", meta_json.encode("utf-8"))
+                    failpoints.reach("write.tar_streaming", shard_id)
                 parquet_rows.append(_parquet_row(row, carried))
         tar_bytes = tar_stream.tell()
+    failpoints.reach("write.tar_done", shard_id)
 
     schema = parquet_schema(_carried_fields(rows, carried, parquet_rows))
     table = pa.Table.from_pylist(parquet_rows, schema=schema)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     storage.write_bytes(parquet_uri(output_uri, shard_id), buffer.getvalue(), settings=settings)
+    failpoints.reach("write.parquet_done", shard_id)
 
     row_indices = [r["row_index"] for r in parquet_rows]
     end_time = time.time()

@@ -739,6 +739,17 @@ def test_content_that_is_not_its_format_is_one_sentence(tmp_path, name, data, fr
         assert "is not UTF-8 text (byte 0xe9 at offset 37)" in message
 
 
+@pytest.mark.parametrize("first_column", ["PK", "PAR1", "BZh9", "7z"])
+def test_text_that_merely_starts_like_a_binary_format_is_read(tmp_path, first_column):
+    rows = [{first_column: "x", "url": f"http://a/{i}", "caption": f"c{i}"} for i in range(3)]
+    for fmt in ("csv", "tsv"):
+        _, [shard] = read_all(config(write(tmp_path / f"urls.{fmt}", rows, fmt)))
+        assert (
+            shard["url"].to_pylist() == [r["url"] for r in rows]
+            and shard[first_column].to_pylist() == ["x"] * 3
+        )
+
+
 def test_explicit_format_that_the_bytes_contradict_is_one_sentence(tmp_path):
     path = tmp_path / "export_2024"
     path.write_bytes(CSV_BYTES)

@@ -72,7 +72,9 @@ MAGIC_BYTES = (
     (b"PK\x05\x06", "an empty zip archive", "unzip it"),
     (b"PK\x07\x08", "a zip archive", "unzip it"),
     (b"\x1f\x8b", "gzip-compressed data", "name it with a .gz suffix or gunzip it"),
-    (b"PAR1", "a Parquet file", "name it .parquet"),
+    # After its magic a Parquet file holds a Thrift struct whose first field header is 0x15 (a header row
+    # such as "PAR1,url" is text).
+    (b"PAR1\x15", "a Parquet file", "name it .parquet"),
     (b"\xfd7zXZ\x00", "xz-compressed data", "decompress it"),
     (b"\x28\xb5\x2f\xfd", "zstd-compressed data", "decompress it"),
     (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive", "extract it"),
@@ -327,7 +329,9 @@ class _QuoteCheckedStream:
     rows vanish without an error. Two shapes of that are refused: a quote still open at the end of the file,
     and a quoted value that runs over a line break and whose closing quote is followed by something other than
     a comma or a line end (the partner was some later value's opening quote). A quote inside a field (ab"c)
-    is text, and so is what follows a one-line quoted value ("ab"c), as pyarrow reads them.
+    is text, and so is what follows a one-line quoted value ("ab"c), as pyarrow reads them. Well-formed CSV
+    is read as written, a quoted value over several lines included: no check can tell those from lines that
+    a stray quote joined when the quotes happen to pair up.
     """
 
     def __init__(self, stream, uri: str, delimiter: bytes = b","):

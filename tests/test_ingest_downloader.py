@@ -8,6 +8,7 @@ import time
 from urllib.parse import quote
 
 import pytest
+from yarl import URL
 
 from pipelines.ingest.downloader import (
     FAILED_TO_DOWNLOAD,
@@ -143,6 +144,122 @@ def test_check_url_accepts_ordinary_image_urls():
         parsed, reason = check_url(url, DownloaderConfig())
         assert reason is None
         assert parsed.host == host
+
+
+# Every spelling that inet_aton, getaddrinfo and browsers (WHATWG URL standard) read as an IPv4 address, with
+# the address they read: only the canonical dotted quad is judged by the address policy, the rest are refused.
+NON_CANONICAL_IPV4_HOSTS = [
+    ("2130706433", "127.0.0.1"),  # one decimal number
+    ("0x7f000001", "127.0.0.1"),  # one hex number
+    ("0X7F000001", "127.0.0.1"),
+    ("017700000001", "127.0.0.1"),  # one octal number
+    ("0177.0.0.1", "127.0.0.1"),  # octal part
+    ("0x7f.0.0.1", "127.0.0.1"),  # hex part
+    ("0x7f.1", "127.0.0.1"),  # two parts, the last filling three bytes
+    ("127.1", "127.0.0.1"),
+    ("127.0.1", "127.0.0.1"),  # three parts, the last filling two bytes
+    ("127.0.0.1.", "127.0.0.1"),  # trailing dot
+    ("127.0.0.01", "127.0.0.1"),  # leading zero: octal
+    ("00000000000000000127.0.0.1", "87.0.0.1"),  # octal 0127 = 87, however many zeros
+    ("0", "0.0.0.0"),
+    ("0x", "0.0.0.0"),  # an empty hex number is zero
+    ("0xa9fea9fe", "169.254.169.254"),  # the metadata service
+    ("2852039166", "169.254.169.254"),
+    ("0xa.0.0.1", "10.0.0.1"),
+    ("134744072", "8.8.8.8"),  # public addresses too: refused for the spelling, not the address
+    ("8.8.8.8.", "8.8.8.8"),
+    ("1.2.3.0x4", "1.2.3.4"),
+]
+
+
+@pytest.mark.parametrize("host, address", NON_CANONICAL_IPV4_HOSTS)
+@pytest.mark.parametrize("allow", [False, True])
+def test_check_url_refuses_non_canonical_numeric_hosts_whatever_private_networks_allow(host, address, allow):
+    for url in (f"http://{host}/a.jpg", f"https://{host}:8443/a.jpg", f"http://{host.upper()}/"):
+        parsed, reason = check_url(url, DownloaderConfig(allow_private_networks=allow))
+        assert parsed is None, url
+        assert f"non-canonical spelling of the IPv4 address {address}" in reason
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["1.2.3.4.5", "256.1.1.1", "1.2.3.256", "1.2.65536", "09.1.1.1", "0x1g.1", "example.123", "foo.0x10"],
+)
+@pytest.mark.parametrize("allow", [False, True])
+def test_check_url_refuses_hosts_that_end_in_a_number_but_are_no_ipv4_address(host, allow):
+    parsed, reason = check_url(f"http://{host}/a.jpg", DownloaderConfig(allow_private_networks=allow))
+    assert parsed is None and "ends in a number but is not an IPv4 address" in reason
+
+
+@pytest.mark.parametrize(
+    "url, fragment",
+    [
+        ("http://[fe80::1%25eth0]/a.jpg", "zone id"),
+        ("http://[fe80::1%eth0]/a.jpg", "zone id"),
+        ("http://[::ffff:127.0.0.01]/a.jpg", "not a valid IPv6 address"),
+        ("http://%31%32%37.0.0.1/a.jpg", "characters that no DNS name holds ('%')"),
+        ("http://127.0.0.1%2e/a.jpg", "characters that no DNS name holds ('%')"),
+        ("http://a b.example.com/a.jpg", "characters that no DNS name holds (' ')"),
+        ("http://127.0.0.1;example.com/a.jpg", "characters that no DNS name holds (';')"),
+        ("http://a..example.com/a.jpg", "empty label"),
+        ("http://127.0.0.1../a.jpg", "empty label"),
+    ],
+)
+@pytest.mark.parametrize("allow", [False, True])
+def test_check_url_refuses_zone_ids_and_hosts_no_resolver_should_guess_at(url, fragment, allow):
+    parsed, reason = check_url(url, DownloaderConfig(allow_private_networks=allow))
+    assert parsed is None and fragment in reason
+
+
+@pytest.mark.parametrize(
+    "url, embedded_kind",
+    [
+        ("http://[::ffff:127.0.0.1]/", "loopback"),
+        ("http://[::ffff:7f00:1]/", "loopback"),
+        ("http://[0:0:0:0:0:ffff:127.0.0.1]/", "loopback"),
+        ("http://[::127.0.0.1]/", "loopback"),  # IPv4-compatible
+        ("http://[::ffff:10.0.0.1]/", "private"),
+        ("http://[::ffff:192.168.0.1]/", "private"),
+    ],
+)
+def test_check_url_judges_ipv4_mapped_and_compatible_ipv6_by_the_embedded_address(url, embedded_kind):
+    parsed, reason = check_url(url, DownloaderConfig())
+    assert parsed is None and f"({embedded_kind};" in reason
+    parsed, reason = check_url(url, DownloaderConfig(allow_private_networks=True))
+    assert reason is None and parsed is not None
+    for allow in (False, True):
+        _, reason = check_url(
+            "http://[::ffff:169.254.169.254]/", DownloaderConfig(allow_private_networks=allow)
+        )
+        assert "metadata" in reason
+    assert check_url("http://[::ffff:8.8.8.8]/", DownloaderConfig()) == (
+        URL("http://[::ffff:8.8.8.8]/"),
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://example.com/a.jpg",
+        "http://1password.com/a.jpg",
+        "http://123.example.com/a.jpg",
+        "http://123.example.com./a.jpg",  # a fully qualified name
+        "http://1e100.net/a.jpg",
+        "http://3com.com/a.jpg",
+        "http://0x.example.com/a.jpg",  # numeric-looking labels before the last are names
+        "http://cdn.1.2.3.example/a.jpg",
+        "http://1.2.3.4e/a.jpg",  # the last label is not a number
+        "http://img_cdn.example.org/a.jpg",
+        "http://xn--nxasmq6b.com/a.jpg",  # punycode
+        "http://\u30c9\u30e1\u30a4\u30f3.\u30c6\u30b9\u30c8/a.jpg",  # IDN, sent as punycode
+        "http://8.8.8.8/a.jpg",  # a canonical public address
+        "http://[2001:4860:4860::8888]/a.jpg",
+    ],
+)
+def test_check_url_accepts_host_names_and_canonical_public_addresses(url):
+    parsed, reason = check_url(url, DownloaderConfig())
+    assert reason is None and parsed is not None
 
 
 @pytest.mark.parametrize(
@@ -357,6 +474,23 @@ def test_loopback_refused_without_allow_private_networks(server):
     assert_failed(by_name, "refused to connect to localhost", "loopback")
     assert_failed(decimal)
     assert_failed(short)
+
+
+def test_non_canonical_loopback_spellings_refused_before_connecting_even_with_private_networks(
+    server, downloader
+):
+    # The server listens on 127.0.0.1, which allow_private_networks lets through in its canonical spelling.
+    spellings = ["2130706433", "127.1", "0x7f.0.0.1", "0177.0.0.1", "127.0.0.1."]
+    results = downloader.download_batch(
+        [server.url("/image.jpg")] + [f"http://{host}:{server.port}/image.jpg" for host in spellings]
+    )
+    assert results[0].status == SUCCESS, results[0].error_message
+    for result in results[1:]:
+        assert_failed(result, "non-canonical spelling of the IPv4 address 127.0.0.1")
+        assert result.attempts == 0
+    target = f"http://2130706433:{server.port}/image.jpg"
+    result = download_one(downloader, server.url(f"/redirect?location={quote(target, safe='')}"))
+    assert_failed(result, "redirect to", "non-canonical spelling")
 
 
 def test_localhost_allowed_with_allow_private_networks(server, downloader):

@@ -6,6 +6,8 @@ import gzip
 import io
 import json
 import os
+import random
+import zipfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,6 +19,7 @@ from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.reader import (
     INPUT_CACHE_DIR,
     InputError,
+    _QuoteCheckedStream,
     list_input_files,
     plan_shards,
     read_shard,
@@ -396,3 +399,375 @@ def test_s3_folder_and_glob_through_the_local_stack(local_stack_env, s3_prefix):
     assert pa.concat_tables(shards)["caption"].to_pylist() == [r["caption"] for r in make_rows(4)]
     with pytest.raises(InputError, match="does not exist"):
         plan_shards(config(storage.join(s3_prefix, "nothing-here.parquet")))
+
+
+# --- hostile and broken inputs: one-sentence errors, no rows lost ---------------------------------------------
+
+
+def plan_error(cfg, cache_text):
+    """The InputError that planning raises, checked to be one sentence that names the input file."""
+    with pytest.raises(InputError) as caught:
+        plan_shards(cfg, cache_text=cache_text)
+    message = str(caught.value)
+    assert "\n" not in message and ". " not in message, message
+    assert os.path.basename(cfg.input) in message, message
+    return message
+
+
+def parquet_bytes(table):
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+@pytest.mark.parametrize(
+    "name, data, repeated",
+    [
+        ("dup.csv", b"url,caption,url\nhttp://a/1,one,http://b/1\n", "'url'"),
+        ("dup2.csv", b"url,x,caption,x,caption\nhttp://a/1,1,one,2,uno\n", "'x', 'caption'"),
+        ("dup.csv.gz", gzip.compress(b"url,caption,caption\nhttp://a/1,one,two\n"), "'caption'"),
+        ("dup.tsv", b"url\tcaption\tsimilarity\tsimilarity\nhttp://a/1\tone\t0.1\t0.2\n", "'similarity'"),
+        (
+            "dup.parquet",
+            parquet_bytes(pa.Table.from_arrays([pa.array(["http://a/1"]), pa.array(["x"])], ["url", "url"])),
+            "'url'",
+        ),
+        (
+            "dup_carried.parquet",
+            parquet_bytes(
+                pa.Table.from_arrays(
+                    [pa.array(["http://a/1"]), pa.array([1]), pa.array([2])], ["url", "n", "n"]
+                )
+            ),
+            "'n'",
+        ),
+    ],
+)
+@pytest.mark.parametrize("cache_text", [True, False])
+def test_duplicate_column_names_are_one_sentence_naming_file_and_columns(
+    tmp_path, name, data, repeated, cache_text
+):
+    path = tmp_path / name
+    path.write_bytes(data)
+    message = plan_error(config(path, caption_col=None), cache_text)
+    assert f"has more than one column named {repeated}" in message
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_names_that_differ_only_in_case_are_distinct_columns(tmp_path, fmt):
+    rows = [
+        {"url": f"http://a/{i}", "URL": f"mirror {i}", "caption": f"c{i}", "Caption": f"C{i}"}
+        for i in range(3)
+    ]
+    _, [shard] = read_all(config(write(tmp_path / f"case.{fmt}", rows, fmt)))
+    assert shard.column_names == ["row_index", "shard_id", "key", "url", "caption", "URL", "Caption"]
+    assert shard["url"].to_pylist() == [r["url"] for r in rows]
+    assert shard["URL"].to_pylist() == [r["URL"] for r in rows]
+    assert shard["Caption"].to_pylist() == [r["Caption"] for r in rows]
+
+
+@pytest.mark.parametrize(
+    "line, repeated",
+    [
+        ('{"url": "http://a/vetted.jpg", "caption": "x", "url": "http://169.254.169.254/"}', "'url'"),
+        ('{"url": "http://a/3", "tag": 1, "caption": "x", "tag": 2}', "'tag'"),
+    ],
+)
+@pytest.mark.parametrize("cache_text", [True, False])
+def test_a_jsonl_key_given_twice_in_one_row_is_refused(tmp_path, line, repeated, cache_text):
+    path = tmp_path / "twice.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(3)) + line + "\n")
+    message = plan_error(config(path), cache_text)
+    assert f"row 3 of {path} has the key {repeated} more than once" in message
+    # A nested object's repeated key is carried as parsed: it names no column.
+    path.write_text(json.dumps(make_rows(1)[0]) + "\n" + '{"url": "http://a/1", "meta": {"k": 1, "k": 2}}\n')
+    _, [shard] = read_all(config(path))
+    assert shard["meta"].to_pylist() == [None, {"k": 2}]
+
+
+def rows_with_late_keys(n, url_from, late_from):
+    """JSONL rows that gain the url key at row url_from and a carried key at row late_from."""
+    rows = []
+    for i in range(n):
+        row = {"caption": f"c{i}"}
+        if i >= url_from:
+            row["url"] = f"http://example.com/{i}.jpg"
+        if i >= late_from:
+            row["late"] = i / 2
+        rows.append(row)
+    return rows
+
+
+# 1000 was the old sample of leading rows; 8192 rows are parsed per batch.
+@pytest.mark.parametrize("url_from, late_from", [(1001, 1500), (9000, 9100), (0, 8193)])
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("cache_text", [True, False])
+def test_jsonl_columns_come_from_every_row_not_a_leading_sample(
+    tmp_path, url_from, late_from, gz, cache_text
+):
+    n = 9200
+    rows = rows_with_late_keys(n, url_from, late_from)
+    path = write(tmp_path / ("late.jsonl.gz" if gz else "late.jsonl"), rows, "jsonl", gz=gz)
+    cfg = config(path, samples_per_shard=1000)
+    specs = plan_shards(cfg, cache_text=cache_text)
+    assert sum(s.num_rows for s in specs) == n
+    assert specs[0].slices[0].file.columns == ("caption", "url", "late")
+    shards = [read_shard(cfg, spec) for spec in specs]
+    # Every shard carries the late column, null where a row lacks it, so no shard silently drops it.
+    assert all(t.column_names == ["row_index", "shard_id", "key", "url", "caption", "late"] for t in shards)
+    urls = [u for t in shards for u in t["url"].to_pylist()]
+    late = [v for t in shards for v in t["late"].to_pylist()]
+    # Rows without the url key get a null url, which the downloader fails as "empty URL": a per-row failure.
+    assert urls == [r.get("url") for r in rows]
+    assert late == [r.get("late") for r in rows]
+
+
+@pytest.mark.parametrize("cache_text", [True, False])
+def test_a_jsonl_key_that_never_appears_is_one_sentence(tmp_path, cache_text):
+    path = write(tmp_path / "nourl.jsonl", rows_with_late_keys(9000, 10**9, 8500), "jsonl")
+    message = plan_error(config(path), cache_text)
+    assert "has no column 'url' (url_col); its columns are [caption, late]" in message
+
+
+def test_a_late_jsonl_key_counts_when_files_disagree_on_its_type(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(
+        pa.table({"url": ["http://a/0"], "caption": ["c"], "late": ["text"]}), folder / "a.parquet"
+    )
+    write(folder / "b.jsonl", rows_with_late_keys(9000, 0, 8500), "jsonl")
+    cfg = config(folder, samples_per_shard=3000)
+    specs = plan_shards(cfg)
+    assert specs[0].slices[1].file.column_types[-1] == "double"
+    # Text in one file, numbers in the other: every shard carries the column as text, as for any column.
+    assert all(s.text_columns == ("late",) for s in specs)
+    assert all(read_shard(cfg, s).schema.field("late").type == pa.string() for s in specs)
+
+
+ROWS_CSV = "url,caption\nhttp://a/1,one\nhttp://a/2,two\nhttp://a/3,three\n"
+
+
+@pytest.mark.parametrize(
+    "name, text, line",
+    [
+        # A caption's quote opens and nothing closes it: rows 2 and 3 would become part of row 1's caption.
+        ("caption.csv", 'url,caption\nhttp://a/1,"one\nhttp://a/2,two\nhttp://a/3,three\n', 2),
+        # The same in the url column.
+        ("url.csv", 'url,caption\n"http://a/1,one\nhttp://a/2,two\nhttp://a/3,three\n', 2),
+        # On the last line, with and without a final newline.
+        ("last.csv", ROWS_CSV + 'http://a/4,"four\n', 5),
+        ("last_no_newline.csv", ROWS_CSV + 'http://a/4,"four', 5),
+        # In the header.
+        ("header.csv", 'url,"caption\nhttp://a/1,one\nhttp://a/2,two\n', 1),
+        # Closed by some later value's opening quote: the closing quote is followed by text, not a comma.
+        ("partner.csv", 'url,caption\nhttp://a/1,"one\nhttp://a/2,two\nhttp://a/3,"three"\n', 2),
+        ("partner_url.csv", 'url,caption\n"http://a/1,one\nhttp://a/2,two\n"http://a/3",three\n', 2),
+        # Windows line ends, a byte order mark, gzip.
+        ("crlf.csv", 'url,caption\r\nhttp://a/1,one\r\nhttp://a/2,"two\r\nhttp://a/3,three\r\n', 3),
+        ("bom.csv", '\ufeff"url,caption\nhttp://a/1,one\n', 1),
+        ("quoted.csv.gz", 'url,caption\nhttp://a/1,"one\nhttp://a/2,two\n', 2),
+        # Far into the file, past pyarrow's first block (4 MiB).
+        (
+            "deep.csv",
+            ROWS_CSV + "".join(f"http://a/{i},caption {i}\n" for i in range(150_000)) + '"x,y\n',
+            150_005,
+        ),
+    ],
+)
+@pytest.mark.parametrize("cache_text", [True, False])
+def test_an_unterminated_csv_quote_is_one_sentence_naming_its_line(tmp_path, name, text, line, cache_text):
+    path = tmp_path / name
+    data = text.encode()
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    message = plan_error(config(path), cache_text)
+    assert f"{path} line {line}: the quote" in message or f"{path} line {line}: the quoted value" in message
+    assert "close, double or remove that quote" in message
+
+
+@pytest.mark.parametrize("cache_text", [True, False])
+def test_quotes_that_pyarrow_reads_as_text_lose_no_rows(tmp_path, cache_text):
+    path = tmp_path / "quotes.csv"
+    path.write_text(
+        "url,caption\n"
+        'http://a/1,ab"c\n'  # a quote inside a field is text
+        'http://a/2,"ab"c\n'  # after a one-line quoted value the field goes on as text
+        'http://a/3,"a ""quoted"" word, and a comma"\n'
+        'http://a/4,"two\nlines"\n'
+        '"http://a/5",""\n'
+        'http://a/6,say "hi" twice "hi"\n'
+    )
+    _, [shard] = read_all(config(path))
+    assert shard["url"].to_pylist() == [f"http://a/{i}" for i in range(1, 7)]
+    assert shard["caption"].to_pylist() == [
+        'ab"c',
+        "abc",
+        'a "quoted" word, and a comma',
+        "two\nlines",
+        "",
+        'say "hi" twice "hi"',
+    ]
+    # TSV has no quoting: an opening quote is text and swallows nothing.
+    tsv = tmp_path / "quotes.tsv"
+    tsv.write_text('url\tcaption\nhttp://a/1\t"one\nhttp://a/2\ttwo\nhttp://a/3\t"three"\n')
+    specs = plan_shards(config(tsv), cache_text=cache_text)
+    assert sum(s.num_rows for s in specs) == 3
+    assert read_shard(config(tsv), specs[0])["caption"].to_pylist() == ['"one', "two", '"three"']
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_csv_written_by_a_csv_writer_plans_exactly_its_records(tmp_path, seed):
+    rng = random.Random(seed)
+    pieces = ["a", "b c", ",", '"', '""', "\n", "\r\n", " ", "\u00e9", "http://x"]
+    rows = [
+        {"url": f"http://a/{i}", "caption": "".join(rng.choice(pieces) for _ in range(rng.randrange(8)))}
+        for i in range(300)
+    ]
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=["url", "caption"], lineterminator=rng.choice(["\n", "\r\n"]))
+    writer.writeheader()
+    writer.writerows(rows)
+    path = tmp_path / "written.csv"
+    path.write_bytes(text.getvalue().encode())
+    specs, shards = read_all(config(path, samples_per_shard=64))
+    assert sum(s.num_rows for s in specs) == len(rows)
+    table = pa.concat_tables(shards)
+    assert table["url"].to_pylist() == [r["url"] for r in rows]
+    # pyarrow keeps a quoted value's characters as written; an empty field reads as "".
+    assert table["caption"].to_pylist() == [r["caption"] for r in rows]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'url,caption\nhttp://a/1,"one\nhttp://a/2,two\n',
+        'url,caption\nhttp://a/1,"one\nhttp://a/2,"two"\n',
+        'url,caption\r\nhttp://a/1,"o""n""e"\r\nhttp://a/2,"t\r\nwo"\r\n"x"y,z\r\n',
+        '\ufeff"url",caption\nhttp://a/1,ab"c\n"http://a/2","x\n""\ny"\n',
+        'url,caption\nhttp://a/1,""""\nhttp://a/2,"\n',
+        'a,b\n"x""\n"\n',
+    ],
+)
+def test_quote_check_gives_the_same_verdict_however_the_bytes_are_split(text):
+    data = text.encode()
+
+    def verdict(read_size):
+        stream = _QuoteCheckedStream(pa.BufferReader(data), "f.csv")
+        try:
+            while stream.read(read_size):
+                pass
+        except InputError as e:
+            return str(e)
+        return None
+
+    whole = verdict(len(data) + 1)
+    assert [verdict(size) for size in range(1, 12)] == [whole] * 11
+
+
+def zip_bytes():
+    sink = io.BytesIO()
+    with zipfile.ZipFile(sink, "w") as archive:
+        archive.writestr("urls.csv", encode(make_rows(3), "csv"))
+    return sink.getvalue()
+
+
+CSV_BYTES = encode(make_rows(3), "csv")
+PARQUET_BYTES = encode(make_rows(3), "parquet")
+# Enough rows to reach past the 64 KiB that are looked at first, so that the parser is what finds the bad byte.
+ASCII_ROWS = 5000
+
+
+@pytest.mark.parametrize(
+    "name, data, fragment",
+    [
+        ("urls.csv", zip_bytes(), "is a zip archive, not CSV text; unzip it"),
+        ("urls.jsonl", zip_bytes(), "is a zip archive, not JSONL text"),
+        ("urls.parquet", zip_bytes(), "is a zip archive, not a Parquet file"),
+        ("urls.parquet", CSV_BYTES, "is not a Parquet file (it does not start with the bytes PAR1)"),
+        ("urls.parquet", b"", "is empty"),
+        ("urls.parquet", PARQUET_BYTES[:-20], "as Parquet: "),
+        ("urls.parquet.gz", gzip.compress(PARQUET_BYTES), "Parquet inputs cannot be compressed as a whole"),
+        ("urls.csv.gz", CSV_BYTES, "is not gzip-compressed data, although its name ends in .gz"),
+        ("urls.jsonl.gz", encode(make_rows(3), "jsonl"), "is not gzip-compressed data"),
+        ("urls.csv.gz", gzip.compress(CSV_BYTES * 50)[:-30], "as CSV (gzip): "),
+        ("urls.csv", gzip.compress(CSV_BYTES), "is gzip-compressed data, not CSV text"),
+        ("urls.jsonl", gzip.compress(CSV_BYTES), "is gzip-compressed data, not JSONL text"),
+        ("urls.tsv", PARQUET_BYTES, "is a Parquet file, not TSV text"),
+        ("urls.csv", "url,caption\nhttp://a/1,caf\u00e9\n".encode("latin-1"), "is not UTF-8 text (byte 0xe9"),
+        (
+            "urls.csv",
+            "".join(
+                ["url,caption\n"]
+                + [f"http://a/{i},c {i}\n" for i in range(ASCII_ROWS)]
+                + ["http://a/x,caf\u00e9\n"]
+            ).encode("latin-1"),
+            "is not UTF-8 text (In CSV column #1",
+        ),
+        (
+            "urls.tsv",
+            "".join(
+                ["url\tcaption\n"]
+                + [f"http://a/{i}\tc {i}\n" for i in range(ASCII_ROWS)]
+                + ["http://a/x\tcaf\u00e9\n"]
+            ).encode("latin-1"),
+            "is not UTF-8 text (In CSV column #1",
+        ),
+        (
+            "urls.jsonl",
+            b'{"url": "http://a/1", "caption": "caf\xe9"}\n',
+            "is not UTF-8 text (byte 0xe9 at offset 37)",
+        ),
+        (
+            "urls.jsonl",
+            encode(make_rows(ASCII_ROWS), "jsonl") + b'{"url": "http://a/x", "caption": "caf\xe9"}\n',
+            f"row {ASCII_ROWS} of",
+        ),
+        (
+            "urls.csv",
+            "url,caption\nhttp://a/1,x\n".encode("utf-16"),
+            "is UTF-16 or UTF-32 text, not CSV text",
+        ),
+        ("urls.csv", b"url,caption\nhttp://a/1,x\x00y\n", "holds NUL bytes"),
+    ],
+)
+@pytest.mark.parametrize("cache_text", [True, False])
+def test_content_that_is_not_its_format_is_one_sentence(tmp_path, name, data, fragment, cache_text):
+    path = tmp_path / name
+    path.write_bytes(data)
+    message = plan_error(config(path), cache_text)
+    assert fragment in message
+    if fragment.startswith("row "):
+        assert "is not UTF-8 text (byte 0xe9 at offset 37)" in message
+
+
+@pytest.mark.parametrize("first_column", ["PK", "PAR1", "BZh9", "7z"])
+def test_text_that_merely_starts_like_a_binary_format_is_read(tmp_path, first_column):
+    rows = [{first_column: "x", "url": f"http://a/{i}", "caption": f"c{i}"} for i in range(3)]
+    for fmt in ("csv", "tsv"):
+        _, [shard] = read_all(config(write(tmp_path / f"urls.{fmt}", rows, fmt)))
+        assert (
+            shard["url"].to_pylist() == [r["url"] for r in rows]
+            and shard[first_column].to_pylist() == ["x"] * 3
+        )
+
+
+def test_explicit_format_that_the_bytes_contradict_is_one_sentence(tmp_path):
+    path = tmp_path / "export_2024"
+    path.write_bytes(CSV_BYTES)
+    assert "not a Parquet file" in plan_error(config(path, input_format="parquet"), True)
+    path.write_bytes(zip_bytes())
+    assert "is a zip archive, not CSV text" in plan_error(config(path, input_format="csv"), True)
+
+
+def test_parquet_copy_made_by_an_older_reader_or_with_a_broken_marker_is_made_again(tmp_path):
+    path = write(tmp_path / "late.jsonl", rows_with_late_keys(1200, 0, 1100), "jsonl")
+    cfg = config(path)
+    plan_shards(cfg)
+    marker = Path(cfg.output) / INPUT_CACHE_DIR / "00000.json"
+    old = json.loads(marker.read_text())
+    # What the reader before the copy was versioned wrote: columns from the first 1000 rows only.
+    del old["source"]["reader"]
+    old["columns"], old["column_types"] = ["caption", "url"], ["string", "string"]
+    marker.write_text(json.dumps(old))
+    assert plan_shards(cfg)[0].slices[0].file.columns == ("caption", "url", "late")
+    marker.write_text("{not json")
+    assert plan_shards(cfg)[0].slices[0].file.columns == ("caption", "url", "late")

@@ -216,8 +216,94 @@ class GuardedResolver(aiohttp.abc.AbstractResolver):
         await self.inner.close()
 
 
+# What a host name may hold once IDNA has made it ASCII: letters, digits, hyphens and (seen in real names,
+# though not in the DNS standard) underscores, in dot-separated labels.
+_HOST_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+def _ipv4_number(part: str) -> int | None:
+    """One dot-separated part of a numeric host read as inet_aton and browsers read it (WHATWG URL standard):
+    0x... is hex, 0... is octal, otherwise decimal; None if it is not a number."""
+    if not part:
+        return None
+    if part[:2] in ("0x", "0X"):
+        digits, base = part[2:], 16
+    elif len(part) > 1 and part[0] == "0":
+        digits, base = part[1:], 8
+    else:
+        digits, base = part, 10
+    if not digits:
+        return 0  # "0x" alone is zero, as the standard says
+    if any(c not in "0123456789abcdef"[:base] for c in digits.lower()):
+        return None
+    return int(digits, base)
+
+
+def _ipv4_of_numeric_host(host: str) -> tuple[bool, ipaddress.IPv4Address | None]:
+    """Whether a host ends in a number (so browsers and inet_aton read it as IPv4, never look it up as a name),
+    and the address they read: one to four parts, each but the last at most 255, the last filling the rest.
+    Follows the WHATWG URL standard's "ends in a number" and IPv4 parsers; (True, None) is an invalid host."""
+    parts = host.split(".")
+    if parts[-1] == "" and len(parts) > 1:
+        parts.pop()  # one trailing dot, as in a fully qualified name
+    last = parts[-1]
+    if not (last.isascii() and last.isdigit()) and _ipv4_number(last) is None:
+        return False, None
+    numbers = [_ipv4_number(part) for part in parts]
+    if len(parts) > 4 or any(n is None for n in numbers):
+        return True, None
+    *leading, final = numbers
+    if any(n > 255 for n in leading) or final >= 256 ** (5 - len(numbers)):
+        return True, None
+    value = final + sum(n << (8 * (3 - i)) for i, n in enumerate(leading))
+    return True, ipaddress.IPv4Address(value)
+
+
+def host_refusal(host: str, allow_private_networks: bool) -> str | None:
+    """Why a URL's host (its ASCII form, as it will be looked up or connected to) is refused, or None.
+
+    A host whose last label is a number is an IPv4 address to browsers and to inet_aton/getaddrinfo, in any
+    of the spellings they accept (2130706433, 0x7f.1, 0177.0.0.1, 127.1, 127.0.0.1.). Only the canonical
+    dotted quad (four decimal numbers 0-255, no leading zeros, no trailing dot) is judged by
+    address_refusal; every other numeric spelling is refused outright, whatever allow_private_networks
+    says: no real image URL needs one, and tools disagree on what they mean (yarl keeps them as names that
+    getaddrinfo then reads as addresses), so they are a way to slip an address past a check. The same goes
+    for IPv6 zone ids (fe80::1%eth0, which pick a network interface) and for characters that no DNS name
+    holds (percent escapes among them). IPv6 literals are judged by address_refusal, which judges
+    IPv4-mapped and IPv4-compatible forms (::ffff:7f00:1) by the IPv4 address they embed.
+    """
+    host = host.lower()
+    if ":" in host:
+        if "%" in host:
+            return f"[{host}] has an IPv6 zone id, and zone ids are refused"
+        try:
+            literal = ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"[{host}] is not a valid IPv6 address"
+        return address_refusal(literal, allow_private_networks)
+    if not set(host) <= _HOST_NAME_CHARACTERS:
+        odd = "".join(sorted(set(host) - _HOST_NAME_CHARACTERS))
+        return f"{host!r} holds characters that no DNS name holds ({odd!r})"
+    if "" in host.removesuffix(".").split("."):
+        return f"{host!r} has an empty label"
+    numeric, ipv4 = _ipv4_of_numeric_host(host)
+    if not numeric:
+        return None
+    if ipv4 is None:
+        return f"{host} ends in a number but is not an IPv4 address"
+    if host != str(ipv4):
+        return (
+            f"{host} is a non-canonical spelling of the IPv4 address {ipv4}, "
+            "refused whatever allow_private_networks says"
+        )
+    return address_refusal(ipv4, allow_private_networks)
+
+
 def check_url(url: Any, config: DownloaderConfig) -> tuple[URL | None, str | None]:
-    """Parse and vet a URL before any network use: (parsed URL, None) or (None, reason)."""
+    """Parse and vet a URL before any network use: (parsed URL, None) or (None, reason).
+
+    The host is vetted by host_refusal: IP literals never reach the resolver, so they are judged here, and
+    numeric hosts in any spelling but the canonical one are refused (see host_refusal for why)."""
     if not isinstance(url, str) or not url.strip():
         return None, "empty URL"
     url = url.strip()
@@ -226,7 +312,8 @@ def check_url(url: Any, config: DownloaderConfig) -> tuple[URL | None, str | Non
     try:
         parsed = URL(url)
         scheme = parsed.scheme.lower()
-        host = parsed.host
+        # The ASCII form (IDNA applied) is what is looked up or connected to.
+        host = parsed.raw_host
         port = parsed.port
     except (ValueError, UnicodeError) as err:
         return None, f"malformed URL: {err}"
@@ -238,15 +325,9 @@ def check_url(url: Any, config: DownloaderConfig) -> tuple[URL | None, str | Non
         return None, "URLs with credentials are refused"
     if port is None or not 0 < port < 65536:
         return None, f"invalid port in URL: {port}"
-    # IP literals never reach the resolver, so they are checked here.
-    try:
-        literal = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        literal = None
-    if literal is not None:
-        reason = address_refusal(literal, config.allow_private_networks)
-        if reason is not None:
-            return None, f"refused to connect to {host}: {reason}"
+    reason = host_refusal(host, config.allow_private_networks)
+    if reason is not None:
+        return None, f"refused to connect to {host}: {reason}"
     return parsed, None
 
 

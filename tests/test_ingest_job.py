@@ -1,6 +1,6 @@
 """The ingest job end to end: real HTTP on loopback (drawn scenes plus hostile files and endpoints), every
-input row accounted for, duplicates and failures as rows, output read back with webdataset, a run killed
-with SIGKILL resumed to the same result, and S3 output through `ray job submit` on the local stack."""
+input row accounted for, duplicates and failures as rows, output read back with webdataset, and S3 output
+through `ray job submit` on the local stack. Kills and resumes are tests/test_ingest_crash.py's."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ import http.server
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import mlflow
@@ -201,53 +199,6 @@ def test_tars_hold_exactly_the_success_rows_resized(uninterrupted):
         assert min(image.size) == 32 and image.size == (row["width"], row["height"])
         assert sample["txt"].decode() == (row["caption"] or "")
         assert json.loads(sample["json"])["uid"] == row["uid"]
-
-
-def _run_ingest(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipelines.ingest", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # so that SIGKILL reaches the whole Ray runtime the job started
-    )
-
-
-def test_a_run_killed_mid_way_resumes_to_the_uninterrupted_result(uninterrupted, site, tmp_path):
-    rows, reference, _ = uninterrupted
-    output = str(tmp_path / "out")
-    args = ingest_args(write_input(rows, tmp_path / "input.parquet"), output) + [
-        "--set",
-        "concurrency.download_workers=1",
-    ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")} | {
-        "RAY_AUTH_MODE": "disabled"
-    }
-    first = _run_ingest(args, env)
-    deadline = time.time() + 240
-    # Kill once some shard is staged or committed, and before the run finishes.
-    while time.time() < deadline and first.poll() is None:
-        staged = (
-            storage.list_files(storage.join(output, writer.STAGING_DIR))
-            if Path(output, writer.STAGING_DIR).exists()
-            else []
-        )
-        if staged or writer.committed_shards(output):
-            break
-        time.sleep(0.2)
-    assert first.poll() is None, "the first run ended before it could be killed:\n" + first.stdout.read()
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    assert not Path(output, "manifest.json").exists()
-
-    second = _run_ingest(args, env)
-    log, _ = second.communicate(timeout=400)
-    assert second.returncode == 0, log
-    ours = [(r["key"], r["sha256"], r["status"]) for r in output_rows(output)]
-    theirs = [(r["key"], r["sha256"], r["status"]) for r in output_rows(reference)]
-    assert ours == theirs
-    assert sorted(tar_samples(output)) == sorted(tar_samples(reference))
 
 
 def test_ingest_through_ray_job_submit_reads_and_writes_the_s3_store(

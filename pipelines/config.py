@@ -1,6 +1,7 @@
 """What every job's configuration shares: a pydantic model that refuses unknown keys and dumps back to YAML,
 YAML read from a local path or s3://, `--set FIELD=VALUE` overrides, and pydantic's errors turned into one
-sentence that names each bad field (and its flag) without echoing a password embedded in a URI.
+sentence that names each bad field (and its flag) without echoing a password embedded in a URI, and URIs
+stripped of their credentials for what gets recorded.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -167,9 +168,23 @@ def explain(error: ValidationError, subject: str, flags: Mapping[str, str]) -> s
 
 
 def redacted(value: Any) -> Any:
-    """A URI with its embedded password replaced by ***: error messages reach logs."""
+    """A URI with its embedded password replaced by ***, also inside a list of them (a list field's error
+    shows the whole list): error messages reach logs."""
+    if isinstance(value, list | tuple):
+        return type(value)(redacted(item) for item in value)
     if isinstance(value, str) and "://" in value:
         parts = urlsplit(value)
         if parts.password is not None:
             return value.replace(f":{parts.password}@", ":***@", 1)
     return value
+
+
+def without_credentials(uri: str) -> str:
+    """The URI without its `user:password@` part: for URIs that are recorded (Ray task arguments, Ray Train's
+    run state, MLflow params), whose credentials must come from the environment instead."""
+    if "://" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))

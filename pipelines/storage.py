@@ -152,15 +152,18 @@ def _cached_boto3_client(settings: S3Settings, timeout_s: float | None):
     )
 
 
-def pyarrow_filesystem(uri: str | os.PathLike, settings: S3Settings | None = None):
-    """(pyarrow filesystem, path inside it) for a URI: the pair that pyarrow and Ray Data readers take."""
+def pyarrow_filesystem(uri: str | os.PathLike, settings: S3Settings | None = None, with_keys: bool = True):
+    """(pyarrow filesystem, path inside it) for a URI: the pair that pyarrow and Ray Data readers take.
+    with_keys=False leaves the keys out (endpoint and region stay), so the AWS SDK's default chain finds them
+    in each process's own environment: for a filesystem handed to Ray, which pickles it, keys included, into
+    task arguments."""
     import pyarrow.fs as pafs
 
     if not is_s3(uri):
         return pafs.LocalFileSystem(), str(_local(uri))
     s = _settings(settings)
     kwargs: dict[str, Any] = {"region": s.region}
-    if s.access_key_id:
+    if s.access_key_id and with_keys:
         kwargs |= {
             "access_key": s.access_key_id,
             "secret_key": s.secret_access_key,

@@ -39,6 +39,24 @@ def local_stack() -> Iterator[LocalStack]:
         yield LocalStack(state_dir, stack.load_config(state_dir), env)
 
 
+@pytest.fixture(scope="session")
+def auth_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """A stack of its own (a temp state dir, fresh ports: never the shared one) with Ray token authentication
+    and MLflow basic-auth on, started by the command line as a user would, and stopped after the session."""
+    from tests.test_local_stack import _cli, _config_on_free_ports, _start_flags
+
+    state_dir = tmp_path_factory.mktemp("auth-stack")
+    config = _config_on_free_ports(ray_num_cpus=1, ray_object_store_bytes=100 * 1024 * 1024)
+    try:
+        started = _cli("start", "--state-dir", str(state_dir), *_start_flags(config), "--ray-auth", "token",
+                       "--mlflow-auth")  # fmt: skip
+        if started.returncode != 0:
+            pytest.fail(f"the stack with authentication did not start:\n{started.stdout}{started.stderr}")
+        yield LocalStack(state_dir, stack.load_config(state_dir), stack.stack_env(state_dir))
+    finally:
+        _cli("stop", "--state-dir", str(state_dir))
+
+
 @pytest.fixture
 def local_stack_env(local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """The stack's client environment (AWS_*, MLFLOW_TRACKING_URI, RAY_ADDRESS) for one test."""

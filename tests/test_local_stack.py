@@ -1,11 +1,15 @@
 """The local stack against its real services: a fresh stack from nothing (own state dir, own ports), then the
-shared stack used through boto3, pyarrow, fsspec, the MLflow client, a Ray driver and `ray job submit`."""
+shared stack used through boto3, pyarrow, fsspec, the MLflow client, a Ray driver and `ray job submit`, and a
+stack with Ray token authentication and MLflow basic-auth that turns away clients without its secrets."""
 
+import base64
+import contextlib
 import json
 import os
 import random
 import shlex
 import socket
+import stat
 import subprocess
 import sys
 import uuid
@@ -59,6 +63,15 @@ def _config_on_free_ports(**settings) -> stack.StackConfig:
     )
 
 
+def _start_flags(config: stack.StackConfig) -> list[str]:
+    """`start` flags for the ports and sizes of a config (authentication has flags of its own)."""
+    return [
+        f"--{name.replace('_', '-')}={value}"
+        for name, value in vars(config).items()
+        if value is not None and name not in stack.AUTH_SETTINGS
+    ]
+
+
 def _cli(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "infra.local", *args],
@@ -84,9 +97,7 @@ def test_fresh_stack_starts_from_nothing_restarts_as_noop_and_stops_without_orph
         config.ray_port,
         config.ray_dashboard_port,
     )
-    flags = [
-        f"--{name.replace('_', '-')}={value}" for name, value in vars(config).items() if value is not None
-    ]
+    flags = _start_flags(config)
     try:
         first = _cli("start", "--state-dir", str(state_dir), *flags)
         assert first.returncode == 0, first.stdout + first.stderr
@@ -299,3 +310,130 @@ def test_a_failed_start_stops_the_services_it_had_already_started(tmp_path):
     # SeaweedFS came up first; the failed start took it down again.
     assert not _listening(s3)
     assert not (tmp_path / "stack" / "run" / "seaweedfs.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Authentication (`start --ray-auth token --mlflow-auth`): one stack of its own, the `auth_stack` fixture
+
+
+def _exported(env_file: Path) -> dict[str, str]:
+    return dict(
+        shlex.split(line.removeprefix("export "))[0].split("=", 1)
+        for line in env_file.read_text().splitlines()
+        if line.startswith("export ")
+    )
+
+
+def _stranger_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    """A client's environment without this stack's settings: its own HOME, so no ~/.ray/auth_token of this
+    machine is found either."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
+    return env | {"HOME": str(tmp_path), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"} | settings
+
+
+def _job_submit(env: dict[str, str], address: str, *entrypoint: str, runtime_env: dict | None = None):
+    extra = ["--runtime-env-json", json.dumps(runtime_env)] if runtime_env else []
+    command = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", address, *extra]
+    return subprocess.run([*command, "--", *entrypoint], capture_output=True, text=True, env=env, timeout=300)
+
+
+def _basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_auth_stack_keeps_its_secrets_in_private_files_and_off_every_command_line(auth_stack):
+    state_dir = auth_stack.state_dir
+    token_file = state_dir / "secrets" / "ray_auth_token"
+    token, password = token_file.read_text(), auth_stack.env["MLFLOW_TRACKING_PASSWORD"]
+    assert len(token) == 64 and len(password) >= 24
+    assert stat.S_IMODE((state_dir / "secrets").stat().st_mode) == 0o700
+    for path in [*(state_dir / "secrets").iterdir(), state_dir / "env"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+    lines = (state_dir / "env").read_text().splitlines()
+    assert any(line.startswith("unset RAY_AUTH_TOKEN ") for line in lines)  # it would beat the file
+    report = {s.name: s for s in stack.status(state_dir)}
+    assert all(s.healthy for s in report.values()) and "(token authentication)" in report["ray"].detail
+    exported = _exported(state_dir / "env")
+    assert exported == auth_stack.env
+    assert exported["RAY_AUTH_MODE"] == "token" and exported["RAY_AUTH_TOKEN_PATH"] == str(token_file)
+    assert exported["MLFLOW_TRACKING_USERNAME"] == "admin" and "RAY_AUTH_TOKEN" not in exported
+
+    # Neither secret is in the recorded settings, the recorded commands, the logs, or any command line.
+    runtime_dir = Path((state_dir / "runtime_dir").read_text().strip())
+    recorded = [
+        state_dir / "stack.json",
+        state_dir / "mlflow" / "basic_auth.ini",
+        *(state_dir / "run").glob("*"),
+    ]
+    recorded += [p for p in (state_dir / "logs").rglob("*") if p.is_file()]
+    recorded += [p for p in (runtime_dir / "ray").rglob("*.log") if p.is_file()]
+    assert len(recorded) > 10
+    for path in recorded:
+        text = path.read_text(errors="replace")
+        assert token not in text and password not in text, path
+    records = [json.loads(p.read_text()) for p in (state_dir / "run").glob("*.json")]
+    processes = [pid for r in records for pid in stack._session_processes(r, stack._process_table())]
+    assert len(processes) > 3
+    for pid in processes:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            assert token not in cmdline and password not in cmdline, pid
+
+
+def test_ray_dashboard_job_api_and_gcs_refuse_clients_without_the_token(auth_stack, tmp_path):
+    dashboard = auth_stack.config.ray_dashboard_url
+    token = Path(auth_stack.env["RAY_AUTH_TOKEN_PATH"]).read_text()
+    assert stack._http_get(f"{dashboard}/api/jobs/")[0] == 401
+    assert (
+        stack._http_get(f"{dashboard}/api/jobs/", headers={"Authorization": f"Bearer {'0' * 64}"})[0] == 403
+    )
+    assert stack._http_get(f"{dashboard}/api/jobs/", headers={"Authorization": f"Bearer {token}"})[0] == 200
+
+    # `ray job submit` as a stranger: Ray's defaults (no mode set, no token file), then a wrong token.
+    marker = f"clip-job-{uuid.uuid4().hex[:8]}"
+    entrypoint = ("python", "-c", f"print('{marker}')")
+    anonymous = _job_submit(_stranger_env(tmp_path), dashboard, *entrypoint)
+    assert anonymous.returncode != 0 and "Authentication required" in anonymous.stderr, anonymous.stderr
+    wrong = _job_submit(_stranger_env(tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64), dashboard,
+                        *entrypoint)  # fmt: skip
+    assert wrong.returncode != 0 and "Authentication failed" in wrong.stderr, wrong.stderr
+    assert marker not in anonymous.stdout + wrong.stdout
+
+    # A driver that connects to the GCS without the token is turned away too.
+    driver = subprocess.run(
+        [sys.executable, "-c", f"import ray; ray.init(address='{auth_stack.config.ray_address}')"],
+        capture_output=True, text=True, env=_stranger_env(tmp_path, RAY_AUTH_MODE="disabled"), timeout=300,
+    )  # fmt: skip
+    assert driver.returncode != 0 and "InvalidAuthToken" in driver.stdout + driver.stderr
+
+    # With the stack's environment (its token file), the same submission runs.
+    job = _job_submit(_stranger_env(tmp_path) | auth_stack.env, dashboard, *entrypoint)
+    assert job.returncode == 0, job.stdout + job.stderr
+    assert marker in job.stdout.splitlines() and "succeeded" in job.stdout
+
+
+def test_mlflow_refuses_requests_without_valid_credentials(auth_stack, monkeypatch):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri, password = auth_stack.config.mlflow_uri, auth_stack.env["MLFLOW_TRACKING_PASSWORD"]
+    search = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert stack._http_get(f"{uri}/health")[0] == 200  # health checks stay public
+    assert stack._http_get(search)[0] == 401
+    assert stack._http_get(search, headers=_basic("admin", password + "x"))[0] == 401
+    assert stack._http_get(search, headers=_basic("nobody", password))[0] == 401
+    assert stack._http_get(search, headers=_basic("admin", password))[0] == 200
+
+    # The Python client authenticates from the two variables that the env file exports, and only so.
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    client = MlflowClient(tracking_uri=uri)
+    with pytest.raises(MlflowException, match="401"):
+        client.search_experiments(max_results=1)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    experiment_id = client.create_experiment(f"test-auth-stack-{uuid.uuid4().hex[:12]}")
+    run_id = client.create_run(experiment_id).info.run_id
+    client.log_param(run_id, "model", "ViT-B-32")
+    assert client.get_run(run_id).data.params == {"model": "ViT-B-32"}

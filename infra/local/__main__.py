@@ -1,11 +1,22 @@
-"""Command line of the local stack: python -m infra.local start|stop|status [--state-dir DIR] [--s3-port N ...]."""
+"""Command line of the local stack: python -m infra.local start|stop|status [--state-dir DIR] [--s3-port N ...]
+[--ray-auth token] [--mlflow-auth]."""
 
 import argparse
 import dataclasses
 import sys
 from pathlib import Path
 
-from infra.local.stack import DEFAULT_STATE_DIR, StackConfig, StackError, load_config, start, status, stop
+from infra.local.stack import (
+    AUTH_SETTINGS,
+    DEFAULT_STATE_DIR,
+    RAY_AUTH_MODES,
+    StackConfig,
+    StackError,
+    load_config,
+    start,
+    status,
+    stop,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=None, help="seconds to wait for each service")
     ports = parser.add_argument_group("start settings (default: as recorded in the state dir, else these)")
     for field in dataclasses.fields(StackConfig):
+        if field.name in AUTH_SETTINGS:
+            continue
         default = "Ray's own choice" if field.default is None else field.default
         ports.add_argument(
             f"--{field.name.replace('_', '-')}",
@@ -23,6 +36,21 @@ def main(argv: list[str] | None = None) -> int:
             metavar="N",
             help=f"default: {default}",
         )
+    auth = parser.add_argument_group("authentication (default: as recorded in the state dir, else off)")
+    auth.add_argument(
+        "--ray-auth",
+        choices=RAY_AUTH_MODES,
+        default=None,
+        help="token: Ray's dashboard, job API and GCS require the token generated into "
+        "<state-dir>/secrets/ray_auth_token (the env file points clients at it)",
+    )
+    auth.add_argument(
+        "--mlflow-auth",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="MLflow's basic-auth app; the admin password is generated into <state-dir>/secrets/ and the env "
+        "file exports MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD",
+    )
     args = parser.parse_args(argv)
 
     try:

@@ -1,10 +1,13 @@
 """The local stack: an S3 store (SeaweedFS), an MLflow tracking server and a Ray head node, all on loopback.
 Started, checked and stopped from here by `python -m infra.local` and by the tests, with every piece of
-state (data, logs, pids, credentials, env file) under one directory that can be deleted.
+state (data, logs, pids, credentials, env file) under one directory that can be deleted. Ray token
+authentication and MLflow basic-auth are off by default (loopback only) and on with `ray_auth="token"` and
+`mlflow_auth=True`, their secrets generated into the state directory.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import fcntl
@@ -35,6 +38,10 @@ REGION = "us-east-1"
 SERVICES = ("seaweedfs", "mlflow", "ray")  # start order; stop goes the other way
 HEALTH_TIMEOUT_S = {"seaweedfs": 90.0, "mlflow": 180.0, "ray": 180.0}
 STOP_GRACE_S = 15.0
+RAY_AUTH_MODES = ("disabled", "token")
+MLFLOW_ADMIN = "admin"
+# The settings that are not ports or sizes (the command line gives them flags of their own).
+AUTH_SETTINGS = ("ray_auth", "mlflow_auth")
 # Ray's unix sockets live under <temp dir>/session_<date>_<pid>/sockets/; a socket path must fit in
 # 107 bytes, which leaves about 40 characters for the temp dir itself.
 MAX_SHORT_DIR_LEN = 40
@@ -75,6 +82,10 @@ class StackConfig:
     ray_num_cpus: int | None = None
     ray_object_store_bytes: int | None = None
     mlflow_workers: int = 1
+    # "token": the dashboard, job API and GCS require the token in <state-dir>/secrets/ray_auth_token.
+    ray_auth: str = "disabled"
+    # MLflow's basic-auth app, with the admin password generated into <state-dir>/secrets/.
+    mlflow_auth: bool = False
 
     @property
     def s3_endpoint(self) -> str:
@@ -93,6 +104,8 @@ class StackConfig:
         return f"http://{HOST}:{self.ray_dashboard_port}"
 
     def __post_init__(self) -> None:
+        if self.ray_auth not in RAY_AUTH_MODES:
+            raise StackError(f"ray_auth must be one of {', '.join(RAY_AUTH_MODES)}, not {self.ray_auth!r}")
         for service in SERVICES:
             bad = [p for p in self.service_ports(service) if not 0 < p < 65536]
             if bad:
@@ -135,6 +148,7 @@ def _paths(state_dir: Path) -> dict[str, Path]:
         "seaweedfs": state_dir / "seaweedfs",
         "mlflow": state_dir / "mlflow",
         "runtime_dir_record": state_dir / "runtime_dir",
+        "secrets": state_dir / "secrets",
     }
 
 
@@ -179,17 +193,45 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
+# The secrets of the optional authentication, one 0600 file each, generated once per state dir. Only files
+# and environment variables carry them: never a command line, which `ps`, the logs and run/*.json show.
+SECRETS = {
+    "ray_auth_token": lambda: secrets.token_hex(32),  # the format of `ray get-auth-token --generate`
+    "mlflow_admin_password": lambda: secrets.token_urlsafe(24),
+    "mlflow_flask_secret_key": lambda: secrets.token_hex(32),  # signs the MLflow UI's CSRF tokens
+}
+
+
+def _secret_path(state_dir: Path, name: str) -> Path:
+    return _paths(state_dir)["secrets"] / name
+
+
+def _secret(state_dir: Path, name: str, create: bool = False) -> str:
+    path = _secret_path(state_dir, name)
+    if not path.exists():
+        if not create:
+            raise StackError(f"{path} is missing; run `python -m infra.local start` again to create it")
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _write_private(path, SECRETS[name]())
+    return path.read_text()
+
+
+def _needed_secrets(config: StackConfig) -> list[str]:
+    needed = ["ray_auth_token"] if config.ray_auth == "token" else []
+    return needed + (["mlflow_admin_password", "mlflow_flask_secret_key"] if config.mlflow_auth else [])
+
+
 def stack_env(state_dir: str | os.PathLike = DEFAULT_STATE_DIR) -> dict[str, str]:
     """Environment variables that point S3, MLflow and Ray clients at this stack."""
     state_dir = Path(state_dir).absolute()
     creds = _credentials(state_dir, create=False)
     if creds is None:
         raise StackError(f"no local stack in {state_dir}; run `python -m infra.local start` first")
-    return _client_env(load_config(state_dir), creds)
+    return _client_env(state_dir, load_config(state_dir), creds)
 
 
-def _client_env(config: StackConfig, creds: dict[str, str]) -> dict[str, str]:
-    return {
+def _client_env(state_dir: Path, config: StackConfig, creds: dict[str, str]) -> dict[str, str]:
+    env = {
         "AWS_ENDPOINT_URL": config.s3_endpoint,
         "AWS_ACCESS_KEY_ID": creds["access_key_id"],
         "AWS_SECRET_ACCESS_KEY": creds["secret_access_key"],
@@ -200,19 +242,31 @@ def _client_env(config: StackConfig, creds: dict[str, str]) -> dict[str, str]:
         "RAY_ADDRESS": config.ray_address,
         "RAY_API_SERVER_ADDRESS": config.ray_dashboard_url,
         # Ray turns on token authentication whenever ~/.ray/auth_token exists (any local ray.init() writes
-        # one). The stack listens on loopback only, so its head, its health checks and its clients agree on
-        # no authentication instead of depending on what else ran on this machine before.
-        "RAY_AUTH_MODE": "disabled",
+        # one). The stack says which mode it runs in, so its head, its health checks and its clients agree
+        # instead of depending on what else ran on this machine before. With "token", Ray reads the token
+        # from the file (RAY_AUTH_TOKEN would win over it: the env file unsets it).
+        "RAY_AUTH_MODE": config.ray_auth,
         # Without this Ray swaps 127.0.0.1 for the machine's outward address, in the head and in every
         # driver, and then listens beyond loopback. It must be set before `import ray`.
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     }
+    if config.ray_auth == "token":
+        env["RAY_AUTH_TOKEN_PATH"] = str(_secret_path(state_dir, "ray_auth_token"))
+    if config.mlflow_auth:
+        # MLflow's clients send these as HTTP basic auth; the Ray head has them too, so jobs and their
+        # workers authenticate from the environment, not from anything in a config or a task's arguments.
+        env["MLFLOW_TRACKING_USERNAME"] = MLFLOW_ADMIN
+        env["MLFLOW_TRACKING_PASSWORD"] = _secret(state_dir, "mlflow_admin_password")
+    return env
 
 
 def _write_env_file(state_dir: Path) -> Path:
     path = _paths(state_dir)["env"]
     lines = [f"# Local stack in {state_dir}. Use it from a shell with: source {path}"]
-    lines += [f"export {k}={shlex.quote(v)}" for k, v in stack_env(state_dir).items()]
+    env = stack_env(state_dir)
+    if env["RAY_AUTH_MODE"] == "token":
+        lines.append("unset RAY_AUTH_TOKEN  # a token for another cluster would win over RAY_AUTH_TOKEN_PATH")
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
     _write_private(path, "\n".join(lines) + "\n")
     return path
 
@@ -368,9 +422,11 @@ def _kill_service(state_dir: Path, service: str) -> list[int]:
 _NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _http_get(url: str, timeout_s: float = 3.0) -> tuple[int, str]:
+def _http_get(url: str, timeout_s: float = 3.0, headers: dict[str, str] | None = None) -> tuple[int, str]:
     try:
-        with _NO_PROXY_OPENER.open(url, timeout=timeout_s) as reply:
+        with _NO_PROXY_OPENER.open(
+            urllib.request.Request(url, headers=headers or {}), timeout=timeout_s
+        ) as reply:
             return reply.status, reply.read(2000).decode(errors="replace")
     except urllib.error.HTTPError as e:
         return e.code, f"answered HTTP {e.code}"
@@ -391,7 +447,7 @@ def _s3_health(state_dir: Path, config: StackConfig) -> tuple[bool, str]:
         return False, "no credentials yet"
     if not _port_taken(config.s3_port):
         return False, f"nothing listens on port {config.s3_port}"
-    settings = storage.S3Settings.from_env(_client_env(config, creds))
+    settings = storage.S3Settings.from_env(_client_env(state_dir, config, creds))
     client = storage.boto3_client(settings, timeout_s=3.0)
     try:
         names = {b["Name"] for b in client.list_buckets()["Buckets"]}
@@ -401,12 +457,30 @@ def _s3_health(state_dir: Path, config: StackConfig) -> tuple[bool, str]:
     return (not missing), (f"missing buckets {missing}" if missing else f"buckets {', '.join(BUCKETS)}")
 
 
+def _auth_headers(state_dir: Path, config: StackConfig, service: str) -> dict[str, str] | None:
+    """The Authorization header this stack's clients send to `service`, or None when it needs none (or
+    its secret is not there yet: the request then goes without, and fails if the service wants one)."""
+    try:
+        if service == "ray" and config.ray_auth == "token":
+            return {"Authorization": f"Bearer {_secret(state_dir, 'ray_auth_token')}"}
+        if service == "mlflow" and config.mlflow_auth:
+            pair = f"{MLFLOW_ADMIN}:{_secret(state_dir, 'mlflow_admin_password')}".encode()
+            return {"Authorization": f"Basic {base64.b64encode(pair).decode()}"}
+    except StackError:
+        return None
+    return None
+
+
 def _mlflow_health(state_dir: Path, config: StackConfig) -> tuple[bool, str]:
     code, body = _http_get(f"{config.mlflow_uri}/health")
     if code != 200:
         return False, f"/health {body}"
-    # Also a query that reads the backend store, which /health does not touch.
-    code, body = _http_get(f"{config.mlflow_uri}/api/2.0/mlflow/experiments/search?max_results=1")
+    # Also a query that reads the backend store, which /health does not touch (nor, with basic-auth on, the
+    # user store: this one does).
+    code, body = _http_get(
+        f"{config.mlflow_uri}/api/2.0/mlflow/experiments/search?max_results=1",
+        headers=_auth_headers(state_dir, config, "mlflow"),
+    )
     return code == 200, ("tracking API up" if code == 200 else f"experiments/search {body}")
 
 
@@ -414,13 +488,23 @@ def _ray_health(state_dir: Path, config: StackConfig) -> tuple[bool, str]:
     checks = {
         "gcs": f"{config.ray_dashboard_url}/api/gcs_healthz",
         "raylet": f"http://{HOST}:{config.ray_agent_port}/api/healthz",
+        # Not public under token authentication, unlike the two health endpoints.
         "jobs api": f"{config.ray_dashboard_url}/api/jobs/",
     }
+    headers = _auth_headers(state_dir, config, "ray")
     for name, url in checks.items():
-        code, body = _http_get(url)
+        code, body = _http_get(url, headers=headers)
         if code != 200:
             return False, f"{name} {body}"
-    return True, "gcs, raylet and jobs API up"
+    # A head that answers but authenticates otherwise than configured is not this stack's.
+    code, body = _http_get(f"{config.ray_dashboard_url}/api/authentication_mode")
+    try:
+        mode = json.loads(body).get("authentication_mode") if code == 200 else body
+    except (ValueError, AttributeError):
+        mode = f"unreadable ({body[:80]!r})"
+    if mode != config.ray_auth:
+        return False, f"the dashboard's authentication mode is {mode}, not {config.ray_auth}"
+    return True, "gcs, raylet and jobs API up" + (" (token authentication)" if headers else "")
 
 
 HEALTH_CHECKS: dict[str, Callable[[Path, StackConfig], tuple[bool, str]]] = {
@@ -452,11 +536,12 @@ def _tool(name: str) -> str:
 
 
 def _inherited_env() -> dict[str, str]:
-    # The user's own AWS/MLflow/Ray settings (a real profile, a remote tracking server) must not leak in.
+    # The user's own AWS/MLflow/Ray settings (a real profile, a remote tracking server, another cluster's
+    # token) must not leak in.
     return {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("AWS_", "MLFLOW_")) and k not in _RAY_ADDRESSES
+        if not k.startswith(("AWS_", "MLFLOW_", "RAY_AUTH_")) and k not in _RAY_ADDRESSES
     }
 
 
@@ -528,7 +613,31 @@ def _mlflow_command(state_dir: Path, config: StackConfig) -> tuple[list[str], di
     # The job executor runs GenAI jobs (scorers, prompt optimisation) in seven extra ~100 MB processes
     # that experiment tracking does not use.
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    if config.mlflow_auth:
+        command += ["--app-name", "basic-auth"]
+        env |= _mlflow_auth_env(state_dir)
     return command, env, root
+
+
+def _mlflow_auth_env(state_dir: Path) -> dict[str, str]:
+    """The basic-auth app's settings: an ini file for the user store (no secret in it), the admin account
+    it creates on its first start, and the static key that signs its UI's CSRF tokens."""
+    root = _paths(state_dir)["mlflow"]
+    ini = root / "basic_auth.ini"
+    ini.write_text(
+        "[mlflow]\n"
+        # Users other than the admin see nothing until the admin grants it.
+        "default_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{root / 'basic_auth.db'}\n"
+        f"admin_username = {MLFLOW_ADMIN}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_ADMIN,
+        "MLFLOW_AUTH_ADMIN_PASSWORD": _secret(state_dir, "mlflow_admin_password"),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": _secret(state_dir, "mlflow_flask_secret_key"),
+    }
 
 
 def _ray_command(state_dir: Path, config: StackConfig) -> tuple[list[str], dict[str, str], Path]:
@@ -632,6 +741,8 @@ def start(
             )
         _paths(state_dir)["config"].write_text(json.dumps(dataclasses.asdict(config), indent=1))
         _credentials(state_dir, create=True)
+        for name in _needed_secrets(config):
+            _secret(state_dir, name, create=True)
         runtime_dir = _runtime_dir(state_dir)
         _paths(state_dir)["runtime_dir_record"].write_text(f"{runtime_dir}\n")
         if runtime_dir != state_dir:

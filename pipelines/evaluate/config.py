@@ -11,7 +11,16 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipelines.config import ConfigError, Section, add_set_argument, apply_overrides, read_yaml, validate
+from pipelines.config import (
+    ConfigError,
+    Section,
+    add_set_argument,
+    apply_overrides,
+    check_uri,
+    read_yaml,
+    redacted,
+    validate,
+)
 
 Task = Literal["zeroshot_classification", "zeroshot_retrieval", "linear_probe"]
 TASKS: tuple[str, ...] = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
@@ -45,6 +54,12 @@ class DatasetConfig(Section):
     train_uri: str | None = None
     train_split: str = "train"
     max_samples: int | None = Field(None, gt=0)  # evaluate the first N samples only (smoke runs)
+
+    @field_validator("uri", "train_uri")
+    @classmethod
+    def _uri_without_credentials(cls, value: str | None) -> str | None:
+        # The suite is logged to MLflow and its URIs are handed to Ray tasks.
+        return None if value is None else check_uri(value)
 
     @field_validator("name")
     @classmethod
@@ -182,4 +197,12 @@ def suite_from_args(args: argparse.Namespace) -> SuiteConfig:
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, SuiteConfig]:
     args = build_arg_parser().parse_args(argv)
+    # The checkpoint URI becomes an MLflow tag and a Ray job's log line, like the suite's URIs.
+    for flag in ("checkpoint", "results"):
+        value = getattr(args, flag)
+        if value is not None:
+            try:
+                check_uri(value)
+            except ValueError as e:
+                raise ConfigError(f"--{flag} {redacted(value)!r} {e}.") from None
     return args, suite_from_args(args)

@@ -22,6 +22,7 @@ from pipelines.evaluate import tracking
 from pipelines.evaluate.config import DatasetConfig, SuiteConfig
 from pipelines.evaluate.datasets import DatasetError, EvalSet, open_dataset, read_item
 from pipelines.evaluate.features import Features, extract_features
+from pipelines.tracking import use_tracking_server
 
 CHECKPOINT_INFO = "checkpoint.json"
 MODEL_FILE = "model.pt"
@@ -278,6 +279,7 @@ def run_evaluation(
 
     run_id = None
     if log_mlflow:
+        use_tracking_server()  # credentials of the tracking URI into the environment, out of the job's log
         run_id = tracking.start_eval_run(
             experiment or suite.experiment, checkpoint_uri, model, parent_run_id, step, suite.to_yaml()
         )

@@ -62,6 +62,11 @@ class ClipScoreConfig(Section):
     batch_size: int = Field(256, gt=0)
     use_gpu: bool = False
 
+    @field_validator("checkpoint")
+    @classmethod
+    def _uri_without_credentials(cls, value: str) -> str:
+        return check_uri(value)
+
 
 class FiltersConfig(Section):
     min_image_size: int = Field(0, ge=0)  # on the shorter side of the original image, as img2dataset

@@ -413,6 +413,9 @@ def print_summary(cfg: IngestConfig, manifest: dict) -> None:
 def log_to_mlflow(cfg: IngestConfig, manifest: dict) -> None:
     import mlflow
 
+    from pipelines.tracking import use_tracking_server
+
+    use_tracking_server()  # credentials of the tracking URI into the environment, out of the job's log
     mlflow.set_experiment(cfg.mlflow_experiment)
     with mlflow.start_run(run_name="ingest"):
         mlflow.log_text(cfg.to_yaml(), "config.yaml")

@@ -42,7 +42,7 @@ class ScheduledEvalConfig(Section):
     def _no_blank_entries(cls, value: list[str]) -> list[str]:
         if any(not item.strip() for item in value):
             raise ValueError("must not contain empty entries")
-        return list(dict.fromkeys(item.rstrip("/") for item in value))
+        return list(dict.fromkeys(check_uri(item).rstrip("/") for item in value))
 
     @field_validator("suite", "claims", "champion_model", "metric", "alias")
     @classmethod

@@ -142,11 +142,13 @@ def run_pass(config: ScheduledEvalConfig) -> PassReport:
     from mlflow import MlflowClient
 
     from pipelines.evaluate.config import load_suite
+    from pipelines.tracking import use_tracking_server
 
     suite = load_suite(config.suite)
     check_metric(config, suite)
     key = suite_key(config.suite, suite)
     claims.check_conditional_writes(config.claims)
+    use_tracking_server()  # credentials of the tracking URI into the environment, out of the job's log
     client = MlflowClient()
     _ensure_registered_model(client, config.champion_model)
 

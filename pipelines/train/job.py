@@ -5,10 +5,12 @@ streamed by pipelines.train.data, checkpoints in storage, and resume from the ne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import mlflow
@@ -18,6 +20,8 @@ import torch.distributed as dist
 import clip_core
 from clip_core.training import WarmupCosineSchedule, accumulated_train_step, create_optimizer
 from pipelines import storage
+from pipelines.config import without_credentials
+from pipelines.tracking import use_tracking_server
 from pipelines.train import checkpoints, tracking
 from pipelines.train.config import TrainConfig
 
@@ -47,21 +51,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             load_eval_config(cfg.eval_config)  # its ConfigError is a ValueError with one sentence
     except (ValueError, FileNotFoundError) as error:
         raise JobError(str(error)) from None
-    storage.write_bytes(storage.join(cfg.output, CONFIG_FILE), cfg.to_yaml().encode())
     started = time.time()
-    with tracking.start_or_resume_run(cfg, shards) as run:
-        mlflow.log_text(cfg.to_yaml(), CONFIG_FILE)
-        loop_config = {
-            "cfg": cfg.model_dump(mode="json"),
-            "shards": [(s.uri, s.num_samples) for s in shards],
-            "mlflow_run_id": run.info.run_id,
-            "mlflow_experiment_id": run.info.experiment_id,
-            "mlflow_tracking_uri": mlflow.get_tracking_uri(),
-        }
-        storage_fs, storage_path = storage.pyarrow_filesystem(storage.join(cfg.output, "ray"))
+    with tracked_run(cfg, shards) as (run, worker_config):
+        storage_fs, storage_path = ray_storage(cfg)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config=loop_config,
+            train_loop_config=worker_config,
             torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=_worker_resources(cfg)
@@ -89,6 +84,39 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "mlflow_experiment_id": run.info.experiment_id,
         "registered_model": f"{cfg.registered_model} v{version}",
         "seconds": round(time.time() - started, 1),
+    }
+
+
+@contextlib.contextmanager
+def tracked_run(cfg: TrainConfig, shards: list) -> Iterator[tuple[mlflow.ActiveRun, dict[str, Any]]]:
+    """The driver's side before any worker starts: the resolved config beside the output, MLflow pointed at
+    the tracking server without credentials in its URI (they move to the environment, out of every log
+    line), the run created or reopened with the config logged, and the loop config every worker is handed."""
+    storage.write_bytes(storage.join(cfg.output, CONFIG_FILE), cfg.to_yaml().encode())
+    use_tracking_server()
+    with tracking.start_or_resume_run(cfg, shards) as run:
+        mlflow.log_text(cfg.to_yaml(), CONFIG_FILE)
+        yield run, loop_config(cfg, shards, run.info.run_id, run.info.experiment_id)
+
+
+def ray_storage(cfg: TrainConfig):
+    """(filesystem, path) for Ray Train's own run state under the output. Ray pickles the filesystem into its
+    controller's arguments, so it carries no keys: every process takes them from its own environment."""
+    return storage.pyarrow_filesystem(storage.join(cfg.output, "ray"), with_keys=False)
+
+
+def loop_config(
+    cfg: TrainConfig, shards: list, run_id: str, experiment_id: str, tracking_uri: str | None = None
+) -> dict[str, Any]:
+    """What every worker is handed. Ray records it (task arguments; Ray Train's run state, shown in the
+    dashboard), so it holds no credential: the tracking URI (default: the driver's) loses its
+    `user:password@`, and the workers authenticate from their own environment (pipelines.tracking)."""
+    return {
+        "cfg": cfg.model_dump(mode="json"),
+        "shards": [(s.uri, s.num_samples) for s in shards],
+        "mlflow_run_id": run_id,
+        "mlflow_experiment_id": experiment_id,
+        "mlflow_tracking_uri": without_credentials(tracking_uri or mlflow.get_tracking_uri()),
     }
 
 
@@ -183,8 +211,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches = iter(loader)
 
     if rank == 0:
-        mlflow.set_tracking_uri(config["mlflow_tracking_uri"])
-        tracking.open_from_worker(config["mlflow_run_id"])
+        tracking.open_from_worker(config["mlflow_run_id"], config["mlflow_tracking_uri"])
     info_base = {
         "model": cfg.model,
         "mlflow_run_id": config["mlflow_run_id"],

@@ -13,6 +13,7 @@ from typing import Any
 import mlflow
 
 from pipelines import storage
+from pipelines.tracking import use_tracking_server
 
 RUN_FILE = "mlflow_run.json"
 KIND_TAG = "clip_ray.kind"
@@ -71,10 +72,12 @@ def log_dataset(data: list[str], shards: list) -> None:
     mlflow.log_params({"data_shards": len(shards), "data_samples": int(frame["num_samples"].sum())})
 
 
-def open_from_worker(run_id: str) -> mlflow.ActiveRun:
+def open_from_worker(run_id: str, tracking_uri: str) -> mlflow.ActiveRun:
     """Rank 0's handle on the driver's run, sampling system metrics (CPU, memory, GPU) on its node every
     MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10). They need psutil, which Ray ships in
-    ray/thirdparty_files and puts on sys.path when imported, so a Ray worker has it."""
+    ray/thirdparty_files and puts on sys.path when imported, so a Ray worker has it. `tracking_uri` is the
+    driver's, without credentials: the worker's own environment supplies them (pipelines.tracking)."""
+    use_tracking_server(tracking_uri)
     return mlflow.start_run(run_id=run_id, log_system_metrics=True)
 
 

@@ -27,6 +27,11 @@ Interpolation = Literal["nearest", "linear", "bilinear", "cubic", "bicubic", "ar
 ENCODE_QUALITY_RANGES = {"jpg": (0, 100, 95), "webp": (1, 100, 95), "png": (0, 9, 3)}
 # Pillow's own decompression-bomb limit.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# The formats whose headers pipelines.ingest.image_headers checks before decoding; the default leaves out
+# HDR (12 bytes a pixel, through OpenCV). Same lists as image_headers', which the tests hold equal.
+ImageFormat = Literal["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HDR"]
+DEFAULT_ALLOWED_FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]
+DEFAULT_MAX_JPEG_SCANS = 100
 
 
 class DownloadConfig(Section):
@@ -114,6 +119,11 @@ class IngestConfig(Section):
     output_format: Literal["jpg", "png", "webp"] = "jpg"
     encode_quality: int | None = None  # None: the format's default (95 for jpg/webp, level 3 for png)
     max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, gt=0)
+    # Told from the bytes' signature; anything else fails to decode ("format ICO is not allowed").
+    allowed_formats: list[ImageFormat] = Field(
+        default_factory=lambda: list(DEFAULT_ALLOWED_FORMATS), min_length=1
+    )
+    max_jpeg_scans: int = Field(DEFAULT_MAX_JPEG_SCANS, gt=0)  # progressive/arithmetic JPEGs: a pass per scan
 
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
@@ -131,6 +141,16 @@ class IngestConfig(Section):
     def _empty_means_none(cls, value: Any) -> Any:
         # From the command line, "--caption-col ''" is the way to say "no captions".
         return None if isinstance(value, str) and value.strip() in ("", "null", "none", "None") else value
+
+    @field_validator("allowed_formats", mode="before")
+    @classmethod
+    def _format_names(cls, value: Any) -> Any:
+        # "--allowed-formats jpeg,png" from the command line; names in any case.
+        if isinstance(value, str):
+            value = [part for part in value.replace(" ", ",").split(",") if part]
+        if isinstance(value, list | tuple):
+            return [item.upper() if isinstance(item, str) else item for item in value]
+        return value
 
     @field_validator("url_col")
     @classmethod
@@ -177,6 +197,8 @@ class IngestConfig(Section):
             encode_format=self.output_format,
             encode_quality=self.encode_quality,
             max_image_pixels=self.max_image_pixels,
+            allowed_formats=tuple(self.allowed_formats),
+            max_jpeg_scans=self.max_jpeg_scans,
         )
 
     # -----------------------------------------------------------------------------------------------------
@@ -211,6 +233,8 @@ _OPTIONS = (
     ("output-format", "output_format", "jpg|png|webp"),
     ("encode-quality", "encode_quality", "jpg/webp quality or png compression level"),
     ("max-image-pixels", "max_image_pixels", "refuse images with more pixels than this"),
+    ("allowed-formats", "allowed_formats", "formats decoded, e.g. JPEG,PNG,WEBP (from the bytes' signature)"),
+    ("max-jpeg-scans", "max_jpeg_scans", "refuse progressive JPEGs with more scans than this"),
     ("timeout-s", "download.timeout_s", "total download deadline per URL in seconds"),
     ("max-body-bytes", "download.max_body_bytes", "largest image accepted, in bytes"),
     ("max-redirects", "download.max_redirects", "redirects followed per URL"),

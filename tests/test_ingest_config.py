@@ -157,6 +157,10 @@ def test_every_required_option_from_the_brief_exists():
         (REQUIRED + ["--allowed-formats", "jpeg,ico"], ["allowed_formats.1 (--allowed-formats) = 'ICO'"]),
         (REQUIRED + ["--set", "allowed_formats=[]"], ["allowed_formats (--allowed-formats)", "at least 1"]),
         (REQUIRED + ["--max-jpeg-scans", "0"], ["max_jpeg_scans (--max-jpeg-scans)", "greater than 0"]),
+        (
+            REQUIRED + ["--max-bytes-in-flight", "1000000"],
+            ["download.max_bytes_in_flight (1000000) is below download.max_body_bytes (33554432)"],
+        ),
     ],
 )
 def test_invalid_config_is_one_clear_sentence(argv, expected):
@@ -231,11 +235,22 @@ def test_stage_configs_built_from_the_ingest_config():
             assert getattr(download, field.name) == getattr(defaults, field.name), field.name
 
 
-def test_decode_budgets_reach_the_resizer_config():
-    cfg = load_config(REQUIRED + ["--allowed-formats", "jpeg, PNG,hdr", "--max-jpeg-scans", "40"])
+def test_decode_and_download_budgets_reach_the_stage_configs():
+    cfg = load_config(
+        REQUIRED
+        + [
+            "--allowed-formats",
+            "jpeg, PNG,hdr",
+            "--max-jpeg-scans",
+            "40",
+            "--max-bytes-in-flight",
+            str(1 << 28),
+        ]
+    )
     assert cfg.allowed_formats == ["JPEG", "PNG", "HDR"]
     resize = cfg.resizer_config()
     assert (resize.allowed_formats, resize.max_jpeg_scans) == (("JPEG", "PNG", "HDR"), 40)
+    assert cfg.downloader_config().max_bytes_in_flight == 1 << 28
     defaults = load_config(REQUIRED)
     assert defaults.resizer_config().allowed_formats == image_headers.DEFAULT_ALLOWED_FORMATS
     assert "HDR" not in defaults.allowed_formats

@@ -32,6 +32,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 ImageFormat = Literal["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HDR"]
 DEFAULT_ALLOWED_FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]
 DEFAULT_MAX_JPEG_SCANS = 100
+DEFAULT_MAX_BYTES_IN_FLIGHT = 1 << 30
 
 
 class DownloadConfig(Section):
@@ -49,6 +50,9 @@ class DownloadConfig(Section):
     allow_private_networks: bool = False
     max_in_flight: int = Field(256, gt=0)  # concurrent requests per download worker
     max_per_host: int = Field(16, ge=0)  # 0 = no per-host limit
+    # Bytes of bodies a download worker holds at once, streaming or downloaded but not yet decoded; at
+    # least max_body_bytes. Downloads wait for room rather than fail.
+    max_bytes_in_flight: int = Field(DEFAULT_MAX_BYTES_IN_FLIGHT, gt=0)
 
     @field_validator("user_agent_token")
     @classmethod
@@ -56,6 +60,15 @@ class DownloadConfig(Section):
         if not value.strip() or any(c.isspace() or c in ",:;()" for c in value):
             raise ValueError("must be one word without spaces or ,:;()")
         return value
+
+    @model_validator(mode="after")
+    def _budget_holds_a_body(self) -> DownloadConfig:
+        if self.max_bytes_in_flight < self.max_body_bytes:
+            raise ValueError(
+                f"download.max_bytes_in_flight ({self.max_bytes_in_flight}) is below download.max_body_bytes "
+                f"({self.max_body_bytes}); it must hold at least one body of the largest size accepted"
+            )
+        return self
 
 
 class ClipScoreConfig(Section):
@@ -241,6 +254,7 @@ _OPTIONS = (
     ("max-retries", "download.max_retries", "retries of transient download failures"),
     ("user-agent-token", "download.user_agent_token", "bot name in the User-Agent"),
     ("max-in-flight", "download.max_in_flight", "concurrent requests per download worker"),
+    ("max-bytes-in-flight", "download.max_bytes_in_flight", "bytes of undecoded bodies per download worker"),
     ("min-image-size", "filters.min_image_size", "drop images whose shorter side is smaller"),
     ("max-image-area", "filters.max_image_area", "drop images with a larger area"),
     ("max-aspect-ratio", "filters.max_aspect_ratio", "drop images more elongated than this"),

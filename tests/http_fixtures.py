@@ -23,7 +23,8 @@ def make_jpeg(size: tuple[int, int] = (32, 24), color: tuple[int, int, int] = (2
 
 class HttpTestServer:
     """Serves on http://127.0.0.1:<port>. `hits[key]` and `hit_times[key]` record requests per endpoint key;
-    `connections` the client (host, port) pairs seen, one per TCP connection."""
+    `connections` the client (host, port) pairs seen, one per TCP connection; `blobs[name]` is served at
+    /blob/{name}."""
 
     def __init__(self) -> None:
         self.jpeg = make_jpeg()
@@ -31,6 +32,7 @@ class HttpTestServer:
         self.hit_times: dict[str, list[float]] = defaultdict(list)
         self.connections: set[tuple[str, int]] = set()
         self.requests_served = 0
+        self.blobs: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="http-test-server", daemon=True)
@@ -56,6 +58,7 @@ class HttpTestServer:
         app.router.add_get("/robots", self.robots)
         app.router.add_get("/reset-mid-body", self.reset_mid_body)
         app.router.add_get("/empty", self.empty)
+        app.router.add_get("/blob/{name}", self.blob)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -179,3 +182,10 @@ class HttpTestServer:
     async def empty(self, request: web.Request) -> web.Response:
         self._record(request, "empty")
         return web.Response(body=b"", content_type="image/jpeg")
+
+    async def blob(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self._record(request, f"blob/{name}")
+        if name not in self.blobs:
+            raise web.HTTPNotFound()
+        return web.Response(body=self.blobs[name], content_type="application/octet-stream")

@@ -11,9 +11,12 @@ import pytest
 import yaml
 
 from pipelines.config import ConfigError
-from pipelines.ingest import downloader, resizer
+from pipelines.ingest import downloader, image_headers, resizer
 from pipelines.ingest.config import (
+    DEFAULT_ALLOWED_FORMATS,
+    DEFAULT_MAX_JPEG_SCANS,
     ENCODE_QUALITY_RANGES,
+    ImageFormat,
     IngestConfig,
     Interpolation,
     ResizeMode,
@@ -151,6 +154,13 @@ def test_every_required_option_from_the_brief_exists():
             ["filters.max_caption_chars (5) is below filters.min_caption_chars (10)"],
         ),
         (REQUIRED + ["--set", "oops"], ["FIELD=VALUE"]),
+        (REQUIRED + ["--allowed-formats", "jpeg,ico"], ["allowed_formats.1 (--allowed-formats) = 'ICO'"]),
+        (REQUIRED + ["--set", "allowed_formats=[]"], ["allowed_formats (--allowed-formats)", "at least 1"]),
+        (REQUIRED + ["--max-jpeg-scans", "0"], ["max_jpeg_scans (--max-jpeg-scans)", "greater than 0"]),
+        (
+            REQUIRED + ["--max-bytes-in-flight", "1000000"],
+            ["download.max_bytes_in_flight (1000000) is below download.max_body_bytes (33554432)"],
+        ),
     ],
 )
 def test_invalid_config_is_one_clear_sentence(argv, expected):
@@ -203,6 +213,9 @@ def test_dump_round_trips_verbatim(tmp_path):
 def test_choices_agree_with_the_resizer():
     assert set(typing.get_args(ResizeMode)) == set(resizer.RESIZE_MODES)
     assert set(typing.get_args(Interpolation)) == set(resizer.INTERPOLATIONS)
+    assert typing.get_args(ImageFormat) == image_headers.CHECKED_FORMATS
+    assert tuple(DEFAULT_ALLOWED_FORMATS) == image_headers.DEFAULT_ALLOWED_FORMATS
+    assert DEFAULT_MAX_JPEG_SCANS == image_headers.DEFAULT_MAX_JPEG_SCANS
     for fmt, (low, high, default) in ENCODE_QUALITY_RANGES.items():
         assert resizer.ENCODERS[fmt][2] == (low, high) and resizer.ENCODERS[fmt][3] == default
 
@@ -220,3 +233,26 @@ def test_stage_configs_built_from_the_ingest_config():
     for field in dataclasses.fields(defaults):
         if field.name in type(cfg.download).model_fields and field.name != "allow_private_networks":
             assert getattr(download, field.name) == getattr(defaults, field.name), field.name
+
+
+def test_decode_and_download_budgets_reach_the_stage_configs():
+    cfg = load_config(
+        REQUIRED
+        + [
+            "--allowed-formats",
+            "jpeg, PNG,hdr",
+            "--max-jpeg-scans",
+            "40",
+            "--max-bytes-in-flight",
+            str(1 << 28),
+        ]
+    )
+    assert cfg.allowed_formats == ["JPEG", "PNG", "HDR"]
+    resize = cfg.resizer_config()
+    assert (resize.allowed_formats, resize.max_jpeg_scans) == (("JPEG", "PNG", "HDR"), 40)
+    assert cfg.downloader_config().max_bytes_in_flight == 1 << 28
+    defaults = load_config(REQUIRED)
+    assert defaults.resizer_config().allowed_formats == image_headers.DEFAULT_ALLOWED_FORMATS
+    assert "HDR" not in defaults.allowed_formats
+    # The YAML dump lists the formats and reads back the same.
+    assert IngestConfig.from_yaml(cfg.to_yaml()) == cfg

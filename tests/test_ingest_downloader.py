@@ -2,8 +2,10 @@
 results with reasons, transient failures are retried, SSRF targets are refused before connecting."""
 
 import asyncio
+import gc
 import ipaddress
 import socket
+import threading
 import time
 from urllib.parse import quote
 
@@ -14,6 +16,7 @@ from pipelines.ingest.downloader import (
     FAILED_TO_DOWNLOAD,
     SUCCESS,
     AsyncDownloader,
+    ByteBudget,
     Downloader,
     DownloaderConfig,
     GuardedResolver,
@@ -540,3 +543,107 @@ def test_async_core_usable_inside_an_event_loop(server):
     good, bad = asyncio.run(main())
     assert good.status == SUCCESS and good.body == server.jpeg
     assert_failed(bad, "unsupported URL scheme 'gopher'")
+
+
+# --- the memory budget for bodies ----------------------------------------------------------------------------
+
+MIB = 1 << 20
+
+
+def settled(downloader: Downloader, timeout_s: float = 10.0) -> ByteBudget:
+    """The budget once releases made from other threads have reached the event loop."""
+    deadline = time.monotonic() + timeout_s
+    while downloader.budget.used and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return downloader.budget
+
+
+def test_budget_must_hold_the_largest_body():
+    with pytest.raises(ValueError, match=r"max_bytes_in_flight \(1048576\) must be at least max_body_bytes"):
+        DownloaderConfig(max_body_bytes=2 * MIB, max_bytes_in_flight=MIB)
+    DownloaderConfig(max_body_bytes=MIB, max_bytes_in_flight=MIB)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_stream_keeps_undecoded_bodies_within_the_budget_and_waits_rather_than_fails(server, chunked):
+    # Twelve 1 MiB bodies through a 3 MiB budget, all requested at once, and a consumer that keeps every
+    # body it gets until none has come for half a second: without the budget it would hold all twelve.
+    cfg = DownloaderConfig(
+        **{
+            **FAST,
+            "timeout_s": 120.0,
+            "max_body_bytes": MIB,
+            "max_bytes_in_flight": 3 * MIB,
+            "max_in_flight": 12,
+        }
+    )
+    suffix = "&chunked=1" if chunked else ""
+    urls = [server.url(f"/big?size={MIB}&n={i}{suffix}") for i in range(12)]
+    held: list = []
+    most_held = 0
+    last_arrival = [time.monotonic()]
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def release_when_quiet():
+        while not done.wait(0.05):
+            with lock:
+                if held and time.monotonic() - last_arrival[0] > 0.5:
+                    for result in held:
+                        result.release()
+                    held.clear()
+
+    releaser = threading.Thread(target=release_when_quiet, daemon=True)
+    releaser.start()
+    arrived = []
+    with Downloader(cfg) as d:
+        for index, result in d.stream(urls):
+            with lock:
+                arrived.append((index, result.status, result.error_message))
+                held.append(result)
+                most_held = max(most_held, sum(len(r.body) for r in held))
+                last_arrival[0] = time.monotonic()
+        done.set()
+        releaser.join()
+        for result in held:
+            result.release()
+        budget = settled(d)
+        assert (budget.used, budget.held) == (0, 0)
+        assert budget.peak <= 3 * MIB
+    assert sorted(index for index, _, _ in arrived) == list(range(12))
+    assert all(status == SUCCESS for _, status, _ in arrived), arrived
+    assert most_held <= 3 * MIB
+
+
+def test_one_body_may_fill_the_whole_budget_without_deadlock(server):
+    # Unknown lengths reserve max_body_bytes each, here the whole budget: one body at a time, all succeed.
+    cfg = DownloaderConfig(
+        **{**FAST, "timeout_s": 60.0, "max_body_bytes": 256 * 1024, "max_bytes_in_flight": 256 * 1024}
+    )
+    urls = [server.url(f"/big?size={200 * 1024}&chunked=1&n={i}") for i in range(10)]
+    with Downloader(cfg) as d:
+        statuses = []
+        for _, result in d.stream(urls):
+            statuses.append(result.status)
+            result.release()
+        batch = d.download_batch(urls)
+        assert settled(d).used == 0
+    assert statuses == [SUCCESS] * 10
+    assert [len(r.body) for r in batch] == [200 * 1024] * 10  # the batch's bodies are the caller's to keep
+
+
+def test_results_dropped_or_left_behind_give_their_bytes_back(server):
+    cfg = DownloaderConfig(**{**FAST, "max_body_bytes": MIB, "max_bytes_in_flight": 2 * MIB})
+    urls = [server.url(f"/big?size={MIB // 2}&n={i}") for i in range(8)]
+    with Downloader(cfg) as d:
+        # Dropped without release(): collecting the result gives the bytes back, so the stream goes on.
+        assert sum(1 for _ in d.stream(urls)) == 8
+        gc.collect()
+        assert settled(d).used == 0
+        # Leaving the stream early cancels what is left, and nothing stays reserved.
+        for _, result in d.stream(urls):
+            result.release()
+            break
+        gc.collect()
+        assert settled(d).used == 0
+        assert [r.status for r in d.download_batch(urls[:2])] == [SUCCESS, SUCCESS]

@@ -1,5 +1,6 @@
 """Tests for pipelines/ingest/resizer.py: decoding of every format we accept, EXIF orientation, alpha,
-bit depth, refusals, and parity of sizes and pixels with img2dataset's Resizer."""
+bit depth, refusals (formats not allowed, and hostile headers caught by image_headers before decoding), and
+parity of sizes and pixels with img2dataset's Resizer."""
 
 import hashlib
 import io
@@ -13,7 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from pipelines.ingest import image_headers
 from pipelines.ingest.resizer import Resizer, ResizerConfig, output_size
+from tests import image_bombs as bombs
+from tests.image_bombs import png_header_only
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 cv2.setNumThreads(1)
@@ -215,26 +219,31 @@ def test_cmyk_jpeg_decodes_to_rgb():
         assert np.abs(pixels - np.array(RED)).max() <= 3
 
 
-def test_format_pillow_does_not_know_is_decoded_by_opencv():
-    # Radiance HDR: float pixels in linear light, read by OpenCV only.
-    hdr = np.zeros((12, 16, 3), np.float32)
+def red_hdr(width: int = 16, height: int = 12) -> bytes:
+    """A Radiance HDR (float pixels in linear light, read by OpenCV only) that is pure red."""
+    hdr = np.zeros((height, width, 3), np.float32)
     hdr[..., 2] = 1.0  # BGR: red
     ok, raw = cv2.imencode(".hdr", hdr)
     assert ok
-    result = Resizer(LOSSLESS)(raw.tobytes())
+    return raw.tobytes()
+
+
+def test_radiance_hdr_is_refused_by_default_and_decoded_by_opencv_when_allowed():
+    raw = red_hdr()
+    result = Resizer(LOSSLESS)(raw)
+    assert result.status == "failed_to_decode"
+    assert result.error_message.startswith("format HDR is not allowed")
+    allowed = ResizerConfig(resize_mode="no", encode_format="png", allowed_formats=("jpeg", "hdr"))
+    result = Resizer(allowed)(raw)
     pixels = decode_output(result)
     assert (result.width, result.height) == (16, 12)
     assert np.abs(pixels - np.array(RED)).max() <= 2
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG signature and IHDR claiming width x height, then IEND: no pixel data at all."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+    # OpenCV decodes before it checks anything: an allowed HDR is refused from its resolution line.
+    for width, height in [(10_000, 10_000), (100_000, 1_000)]:
+        header = f"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y {height} +X {width}\n".encode()
+        bomb = Resizer(allowed)(header + b"\x02\x02" * 100)
+        assert bomb.status == "failed_to_decode" and "decompression bomb" in bomb.error_message, bomb
+        assert f"{width}x{height}" in bomb.error_message
 
 
 def test_decompression_bomb_is_refused_from_the_header_before_decoding():
@@ -390,3 +399,253 @@ def test_invalid_config_is_refused_with_a_clear_message():
         ResizerConfig(encode_format="gif")
     with pytest.raises(ValueError, match="interpolation"):
         ResizerConfig(downscale_interpolation="fancy")
+
+
+# --- formats and hostile headers, refused before any decoder runs ------------------------------------------
+
+
+def assert_refused(result, *fragments, case=None):
+    assert result.status == "failed_to_decode", (case, result.status, result.error_message)
+    assert result.image is None and result.width is None, case
+    message = result.error_message
+    assert message.startswith(("refused before decoding", "format ")), (case, message)
+    assert message.count(". ") == 0 and "\n" not in message, (case, message)  # one sentence
+    for fragment in fragments:
+        assert fragment in message, (case, message)
+
+
+@pytest.mark.parametrize(
+    "name, raw",
+    [
+        ("ICO", bombs.ico_holding(encoded(Image.new("RGB", (16, 16), RED), "PNG"))),
+        ("CUR", b"\x00\x00\x02\x00\x01\x00" + bytes(40)),
+        ("PSD", b"8BPS\x00\x01" + bytes(40)),
+        ("AVIF", b"\x00\x00\x00\x1cftypavif" + bytes(40)),
+        ("HEIF", b"\x00\x00\x00\x18ftypheic" + bytes(40)),
+        ("BigTIFF", b"II+\x00\x08\x00\x00\x00" + bytes(40)),
+        ("PDF", b"%PDF-1.7\n" + bytes(40)),
+        ("HDR", red_hdr()),
+    ],
+)
+def test_formats_outside_the_allow_list_fail_with_their_name(name, raw):
+    # Told from the bytes: Pillow would open the icon (decoding its embedded PNG while doing so).
+    assert image_headers.sniff_format(raw) == name
+    assert_refused(Resizer()(raw), f"format {name} is not allowed", "JPEG, PNG, WEBP, GIF, BMP, TIFF")
+
+
+def test_allow_list_is_configurable_and_never_trusts_the_other_formats():
+    jpeg = encoded(Image.new("RGB", (20, 10), RED), "JPEG")
+    png = encoded(Image.new("RGB", (20, 10), RED), "PNG")
+    only_png = Resizer(ResizerConfig(allowed_formats=("png",)))
+    assert only_png(png).status == "success"
+    assert_refused(only_png(jpeg), "format JPEG is not allowed (allowed_formats: PNG)")
+    # A format Pillow could guess without a signature (TGA) is no format we know.
+    tga = encoded(Image.new("RGB", (20, 10), RED), "TGA")
+    assert Image.open(io.BytesIO(tga)).format == "TGA"
+    result = Resizer()(tga)
+    assert result.status == "failed_to_decode" and "signature of no image format" in result.error_message
+    with pytest.raises(ValueError, match="allowed_formats"):
+        ResizerConfig(allowed_formats=("JPEG", "ICO"))
+    with pytest.raises(ValueError, match="allowed_formats"):
+        ResizerConfig(allowed_formats=())
+
+
+@pytest.mark.parametrize("extra_scans", [100, 300])
+def test_progressive_jpeg_with_repeated_scans_is_refused_by_the_scan_budget(extra_scans):
+    raw = bombs.progressive_jpeg_with_repeated_scans(256, extra_scans)
+    scans = raw.count(b"\xff\xda")
+    assert scans > 100
+    assert_refused(Resizer()(raw), f"has {scans} scans", "limit of 100 (max_jpeg_scans)")
+    # The budget is what refuses it: with room for its scans the same bytes decode.
+    assert Resizer(ResizerConfig(max_jpeg_scans=scans, image_size=64))(raw).status == "success"
+    assert_refused(Resizer(ResizerConfig(max_jpeg_scans=scans - 1))(raw), f"limit of {scans - 1}")
+
+
+def test_ordinary_progressive_and_baseline_jpegs_pass_the_scan_budget():
+    source = Image.fromarray(photo_like(300, 200))
+    for params in ({"progressive": True}, {"progressive": True, "subsampling": 0}, {}):
+        raw = encoded(source, "JPEG", quality=90, **params)
+        assert Resizer(ResizerConfig(image_size=64, max_jpeg_scans=12))(raw).status == "success", params
+    # Baseline scans are not counted: each costs its own bytes, so a budget of one scan still decodes them.
+    assert Resizer(ResizerConfig(max_jpeg_scans=1))(encoded(source, "JPEG")).status == "success"
+
+
+def exif_with_entries(count: int) -> bytes:
+    """A little-endian TIFF-structured EXIF block whose first directory has `count` SHORT entries."""
+    entries = b"".join(struct.pack("<HHI", 40000 + i, 3, 1) + b"\x00\x00\x00\x00" for i in range(count))
+    return b"II*\x00\x08\x00\x00\x00" + struct.pack("<H", count) + entries + b"\x00\x00\x00\x00"
+
+
+def jpeg_with_exif_entries(count: int) -> bytes:
+    raw = encoded(Image.new("RGB", (16, 16), RED), "JPEG")
+    block = b"Exif\x00\x00" + exif_with_entries(count)
+    return raw[:2] + b"\xff\xe1" + struct.pack(">H", len(block) + 2) + block + raw[2:]
+
+
+def test_jpeg_headers_that_make_pillow_loop_in_python_are_refused():
+    good = encoded(Image.new("RGB", (16, 16), RED), "JPEG")
+    cases = {
+        "segments": (bombs.jpeg_with_header_segments(5000), "more than 1024 marker segments"),
+        "quantization tables": (bombs.jpeg_with_quantization_tables(100), "bytes of quantization tables"),
+        "stray bytes": (good[:2] + b"\xff\xfe\x00\x02" + b"\x00" * 20_000 + good[2:], "stray bytes"),
+        "fill bytes": (good[:2] + b"\xff" * 20_000 + good[2:], "stray bytes"),
+        "exif entries": (jpeg_with_exif_entries(2000), "EXIF directory has 2000 entries"),
+        "frame size": (
+            good[:2] + b"\xff\xc0\x00\x11\x08\xc3\x50\xc3\x50\x03" + bytes(9) + good[2:],
+            "50000x50000",
+        ),
+    }
+    for name, (raw, fragment) in cases.items():
+        assert_refused(Resizer()(raw), fragment, case=name)
+    # The same kinds of segments in ordinary numbers are fine.
+    for raw in (
+        bombs.jpeg_with_header_segments(50),
+        bombs.jpeg_with_quantization_tables(2),
+        jpeg_with_exif_entries(40),
+    ):
+        assert Resizer()(raw).status == "success"
+
+
+def png_with_chunk(kind: bytes, data: bytes) -> bytes:
+    head, idat, end = bombs.png_small()
+    return head + bombs.png_chunk(kind, data) + idat + end
+
+
+def raw_profile_exif(exif: bytes, compressed: bool = False) -> bytes:
+    """A PNG text chunk holding EXIF as ImageMagick writes it, which Pillow reads when there is no eXIf."""
+    hexdata = exif.hex()
+    text = f"\nexif\n{len(exif):8d}\n" + "\n".join(hexdata[i : i + 72] for i in range(0, len(hexdata), 72))
+    if compressed:
+        return bombs.png_chunk(b"zTXt", b"Raw profile type exif\x00\x00" + zlib.compress(text.encode()))
+    return bombs.png_chunk(b"tEXt", b"Raw profile type exif\x00" + text.encode())
+
+
+def test_png_headers_past_the_limits_are_refused():
+    head, idat, end = bombs.png_small()
+    animation = bombs.png_chunk(b"acTL", struct.pack(">II", 1, 0))
+    frame = bombs.png_chunk(b"fcTL", struct.pack(">IIIIIHHBB", 0, 30_000, 30_000, 0, 0, 1, 10, 0, 0))
+    cases = {
+        "declared size": (png_header_only(30_000, 30_000), "30000x30000"),
+        "second IHDR": (head + bombs.png_ihdr(12_000, 8_000) + idat + end, "12000x8000"),
+        "chunks after the pixels": (bombs.png_with_many_chunks(20_000), "more than 10000 chunks"),
+        "chunks before the pixels": (
+            bombs.png_with_many_chunks(20_000, before_idat=True),
+            "more than 10000 chunks",
+        ),
+        "empty IDATs": (head + bombs.png_chunk(b"IDAT", b"") * 20_000 + idat + end, "more than 10000 chunks"),
+        "compressed text": (bombs.png_with_compressed_text(17), "compressed text or profile chunks"),
+        "exif entries": (png_with_chunk(b"eXIf", exif_with_entries(5000)), "EXIF directory has 5000 entries"),
+        "exif in text": (head + raw_profile_exif(exif_with_entries(5000)) + idat + end, "5000 entries"),
+        "exif in compressed text": (
+            head + raw_profile_exif(exif_with_entries(5000), compressed=True) + idat + end,
+            "5000 entries",
+        ),
+        "animation frame": (head + animation + frame + idat + end, "30000x30000"),
+    }
+    for name, (raw, fragment) in cases.items():
+        assert_refused(Resizer()(raw), fragment, case=name)
+    for raw in (
+        bombs.png_with_many_chunks(100),
+        bombs.png_with_compressed_text(2),
+        png_with_chunk(b"eXIf", exif_with_entries(20)),
+    ):
+        assert Resizer()(raw).status == "success"
+    # An ordinary EXIF in a text chunk still orients the image.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = encoded(Image.fromarray(quadrants(96, 48)).transpose(Image.Transpose.ROTATE_90), "PNG")
+    for compressed in (False, True):
+        raw = stored[:33] + raw_profile_exif(exif.tobytes(), compressed) + stored[33:]
+        result = Resizer(LOSSLESS)(raw)
+        assert np.abs(decode_output(result) - quadrants(96, 48).astype(np.int32)).mean() < 1
+
+
+def test_png_decode_stops_at_the_end_of_the_image():
+    # A GB of zeros after the pixels of a 16x16 image: Pillow stops at the image's end (libpng would inflate
+    # it all), so this is an ordinary 16x16 image.
+    result = Resizer(LOSSLESS)(bombs.png_with_extra_compressed_data(1024))
+    assert (result.status, result.width, result.height) == ("success", 16, 16)
+
+
+def test_gif_canvas_and_header_blocks_are_bounded_and_later_frames_never_read():
+    # The canvas grows to the first frame (Pillow allocates it, and a disposal buffer, while opening).
+    assert_refused(Resizer()(bombs.gif((1, 1), [(0, 0, 13_000, 13_000)], disposal=2)), "13000x13000")
+    assert_refused(Resizer()(bombs.gif((16, 16), [(60_000, 60_000, 16, 16)])), "60016x60016")
+    assert_refused(Resizer()(bombs.gif_with_comment_blocks(5000)), "more than 4096 blocks")
+    assert Resizer()(bombs.gif_with_comment_blocks(100)).status == "success"
+    # Only the first frame is decoded: 20,000 frames after it, or a huge one, cost nothing.
+    many = bombs.gif((16, 16), [(0, 0, 16, 16)] * 20_000)
+    result = Resizer(LOSSLESS)(many)
+    assert (result.status, result.width, result.height) == ("success", 16, 16)
+    later_bomb = bombs.gif((16, 16), [(0, 0, 16, 16), (0, 0, 60_000, 60_000)])
+    assert Resizer(LOSSLESS)(later_bomb).status == "success"
+
+
+def test_webp_canvas_frames_and_chunks_are_bounded():
+    assert_refused(Resizer()(bombs.webp_animation((20_000, 20_000), 1)), "20000x20000")
+    assert_refused(
+        Resizer(ResizerConfig(max_image_pixels=1_000_000))(bombs.webp_animation((2000, 2000), 1)), "2000x2000"
+    )
+    assert_refused(Resizer()(bombs.webp_animation((16, 16), 12_000)), "more than 10000 chunks")
+    result = Resizer(LOSSLESS)(bombs.webp_animation((16, 16), 50))
+    assert (result.status, result.width, result.height) == ("success", 16, 16)
+    lossy = encoded(Image.fromarray(photo_like(64, 48)), "WEBP", quality=80)
+    assert Resizer(ResizerConfig(max_image_pixels=64 * 48))(lossy).status == "success"
+    assert_refused(Resizer(ResizerConfig(max_image_pixels=64 * 48 - 1))(lossy), "64x48")
+
+
+def test_tiff_tiles_strips_and_directories_are_bounded_before_decoding():
+    four_k_tile = zlib.compress(bytes(4096 * 4096 * 3), 1)
+    cases = {
+        # libtiff allocates a whole tile: 16x16 pixels in a 4096x4096 tile decoded to 48 MB and "success".
+        "tile beyond a small image": (
+            bombs.tiff(16, 16, tile=(4096, 4096), block_data=four_k_tile),
+            "4096x4096 tiles",
+        ),
+        "tile beyond the pixel limit": (bombs.tiff(20_000, 20_000, tile=(16_384, 16_384)), "20000x20000"),
+        "zero tile": (bombs.tiff(16, 16, tile=(0, 16)), "tiles are 0x16"),
+        "more strips listed than the layout has": (
+            bombs.tiff(16, 16, rows_per_strip=1, blocks=70_000, compression=1, block_data=bytes(48)),
+            "lists 70000 strips or tiles where its layout has 16",
+        ),
+        "too many strips": (
+            bombs.tiff(16, 80_000, rows_per_strip=1, blocks=1, compression=1),
+            "80000 strips",
+        ),
+        "too many tags": (bombs.tiff(16, 16, extra_entries=2000), "has 2010 entries"),
+    }
+    for name, (raw, fragment) in cases.items():
+        assert_refused(Resizer()(raw), fragment, case=name)
+    # Pillow keeps the first of a repeated tag; something else may keep the second.
+    repeated = bombs.tiff(16, 16, tile=(16, 16)).replace(
+        struct.pack("<HHI", 323, 4, 1), struct.pack("<HHI", 322, 4, 1)
+    )
+    assert_refused(Resizer()(repeated), "repeats tag 322")
+    # Tiles larger than a small image, within reason, and many strips of a tall image are ordinary.
+    small = Image.fromarray(photo_like(100, 60))
+    for params in (
+        {"tile": (256, 256)},
+        {"compression": "tiff_deflate"},
+        {"compression": "tiff_lzw", "strip_size": 300},
+    ):
+        raw = encoded(small, "TIFF", **params)
+        result = Resizer(LOSSLESS)(raw)
+        assert (result.status, result.width, result.height) == ("success", 100, 60), params
+
+
+def test_bmp_size_run_length_and_palette_are_bounded():
+    assert_refused(Resizer()(bombs.bmp_rle8(20_000, 20_000, b"\x00\x01")), "20000x20000")
+    # Pillow decodes run-length BMPs in Python, a row's padding byte by byte: 8 KB would cost seconds.
+    assert_refused(Resizer()(bombs.bmp_rle8_row_padding_bomb(2000, 2000)), "run-length encoded at 2000x2000")
+    small = Resizer(LOSSLESS)(bombs.bmp_rle8_row_padding_bomb(64, 64))
+    assert (small.status, small.width, small.height) == ("success", 64, 64)
+    palette_bomb = bytearray(encoded(Image.new("P", (16, 16)), "BMP"))
+    palette_bomb[46:50] = struct.pack("<I", 65536)
+    assert_refused(Resizer()(bytes(palette_bomb)), "palette of 65536 colours")
+
+
+def test_cut_short_headers_are_refused_not_guessed_at():
+    # Pillow keeps the TIFF tags it read before a cut; a check that cannot read a size refuses.
+    tiled = bombs.tiff(16, 16, tile=(16_384, 16_384))
+    assert_refused(Resizer()(tiled[:-20]), "TIFF header is cut short or malformed")
+    assert_refused(Resizer()(b"GIF89a\x10\x00\x10\x00\x00\x00\x00\x2c\x00"), "GIF header is cut short")

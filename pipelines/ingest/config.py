@@ -27,6 +27,12 @@ Interpolation = Literal["nearest", "linear", "bilinear", "cubic", "bicubic", "ar
 ENCODE_QUALITY_RANGES = {"jpg": (0, 100, 95), "webp": (1, 100, 95), "png": (0, 9, 3)}
 # Pillow's own decompression-bomb limit.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# The formats whose headers pipelines.ingest.image_headers checks before decoding; the default leaves out
+# HDR (12 bytes a pixel, through OpenCV). Same lists as image_headers', which the tests hold equal.
+ImageFormat = Literal["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HDR"]
+DEFAULT_ALLOWED_FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]
+DEFAULT_MAX_JPEG_SCANS = 100
+DEFAULT_MAX_BYTES_IN_FLIGHT = 1 << 30
 
 
 class DownloadConfig(Section):
@@ -44,6 +50,9 @@ class DownloadConfig(Section):
     allow_private_networks: bool = False
     max_in_flight: int = Field(256, gt=0)  # concurrent requests per download worker
     max_per_host: int = Field(16, ge=0)  # 0 = no per-host limit
+    # Bytes of bodies a download worker holds at once, streaming or downloaded but not yet decoded; at
+    # least max_body_bytes. Downloads wait for room rather than fail.
+    max_bytes_in_flight: int = Field(DEFAULT_MAX_BYTES_IN_FLIGHT, gt=0)
 
     @field_validator("user_agent_token")
     @classmethod
@@ -51,6 +60,15 @@ class DownloadConfig(Section):
         if not value.strip() or any(c.isspace() or c in ",:;()" for c in value):
             raise ValueError("must be one word without spaces or ,:;()")
         return value
+
+    @model_validator(mode="after")
+    def _budget_holds_a_body(self) -> DownloadConfig:
+        if self.max_bytes_in_flight < self.max_body_bytes:
+            raise ValueError(
+                f"download.max_bytes_in_flight ({self.max_bytes_in_flight}) is below download.max_body_bytes "
+                f"({self.max_body_bytes}); it must hold at least one body of the largest size accepted"
+            )
+        return self
 
 
 class ClipScoreConfig(Section):
@@ -119,6 +137,11 @@ class IngestConfig(Section):
     output_format: Literal["jpg", "png", "webp"] = "jpg"
     encode_quality: int | None = None  # None: the format's default (95 for jpg/webp, level 3 for png)
     max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, gt=0)
+    # Told from the bytes' signature; anything else fails to decode ("format ICO is not allowed").
+    allowed_formats: list[ImageFormat] = Field(
+        default_factory=lambda: list(DEFAULT_ALLOWED_FORMATS), min_length=1
+    )
+    max_jpeg_scans: int = Field(DEFAULT_MAX_JPEG_SCANS, gt=0)  # progressive/arithmetic JPEGs: a pass per scan
 
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
@@ -136,6 +159,16 @@ class IngestConfig(Section):
     def _empty_means_none(cls, value: Any) -> Any:
         # From the command line, "--caption-col ''" is the way to say "no captions".
         return None if isinstance(value, str) and value.strip() in ("", "null", "none", "None") else value
+
+    @field_validator("allowed_formats", mode="before")
+    @classmethod
+    def _format_names(cls, value: Any) -> Any:
+        # "--allowed-formats jpeg,png" from the command line; names in any case.
+        if isinstance(value, str):
+            value = [part for part in value.replace(" ", ",").split(",") if part]
+        if isinstance(value, list | tuple):
+            return [item.upper() if isinstance(item, str) else item for item in value]
+        return value
 
     @field_validator("url_col")
     @classmethod
@@ -182,6 +215,8 @@ class IngestConfig(Section):
             encode_format=self.output_format,
             encode_quality=self.encode_quality,
             max_image_pixels=self.max_image_pixels,
+            allowed_formats=tuple(self.allowed_formats),
+            max_jpeg_scans=self.max_jpeg_scans,
         )
 
     # -----------------------------------------------------------------------------------------------------
@@ -216,12 +251,15 @@ _OPTIONS = (
     ("output-format", "output_format", "jpg|png|webp"),
     ("encode-quality", "encode_quality", "jpg/webp quality or png compression level"),
     ("max-image-pixels", "max_image_pixels", "refuse images with more pixels than this"),
+    ("allowed-formats", "allowed_formats", "formats decoded, e.g. JPEG,PNG,WEBP (from the bytes' signature)"),
+    ("max-jpeg-scans", "max_jpeg_scans", "refuse progressive JPEGs with more scans than this"),
     ("timeout-s", "download.timeout_s", "total download deadline per URL in seconds"),
     ("max-body-bytes", "download.max_body_bytes", "largest image accepted, in bytes"),
     ("max-redirects", "download.max_redirects", "redirects followed per URL"),
     ("max-retries", "download.max_retries", "retries of transient download failures"),
     ("user-agent-token", "download.user_agent_token", "bot name in the User-Agent"),
     ("max-in-flight", "download.max_in_flight", "concurrent requests per download worker"),
+    ("max-bytes-in-flight", "download.max_bytes_in_flight", "bytes of undecoded bodies per download worker"),
     ("min-image-size", "filters.min_image_size", "drop images whose shorter side is smaller"),
     ("max-image-area", "filters.max_image_area", "drop images with a larger area"),
     ("max-aspect-ratio", "filters.max_aspect_ratio", "drop images more elongated than this"),

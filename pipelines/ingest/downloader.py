@@ -1,20 +1,24 @@
 """Ingest stage 2: fetch image bytes over HTTP(S), many requests in flight on one event loop per worker,
-with SSRF guards (checked addresses are the ones connected to), deadlines, size caps, bounded redirects,
-retries of transient failures only, and X-Robots-Tag opt-outs. Every URL comes back as a DownloadResult.
+with SSRF guards (checked addresses are the ones connected to), deadlines, size caps, a memory budget for
+bodies (ByteBudget), bounded redirects, retries of transient failures only, and X-Robots-Tag opt-outs.
+Every URL comes back as a DownloadResult.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import email.utils
 import ipaddress
+import queue
 import random
 import socket
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -79,6 +83,9 @@ class DownloaderConfig:
     allow_private_networks: bool = False
     max_in_flight: int = 256
     max_per_host: int = 16
+    # Bytes of bodies held at once, streaming or handed out and not yet released (see ByteBudget). At least
+    # max_body_bytes, so that any body accepted fits.
+    max_bytes_in_flight: int = 1 << 30
     max_url_length: int = 4096
     verify_tls: bool = True
     dns_cache_ttl_s: float = 300.0
@@ -93,6 +100,7 @@ class DownloaderConfig:
             "read_timeout_s",
             "max_body_bytes",
             "max_in_flight",
+            "max_bytes_in_flight",
             "max_url_length",
             "dns_threads",
         )
@@ -113,6 +121,11 @@ class DownloaderConfig:
             raise ValueError(
                 f"DownloaderConfig.max_per_host must be >= 0 (0 = no limit), got {self.max_per_host}"
             )
+        if self.max_bytes_in_flight < self.max_body_bytes:
+            raise ValueError(
+                f"DownloaderConfig.max_bytes_in_flight ({self.max_bytes_in_flight}) must be at least "
+                f"max_body_bytes ({self.max_body_bytes}), so that the largest body accepted fits"
+            )
         token = self.user_agent_token.strip()
         if not token or any(c.isspace() or c in ",:;()" for c in token):
             raise ValueError(
@@ -126,7 +139,10 @@ class DownloaderConfig:
 
 @dataclass
 class DownloadResult:
-    """The outcome for one input URL. On failure `body` is None and `error_message` says why."""
+    """The outcome for one input URL. On failure `body` is None and `error_message` says why.
+
+    A result from Downloader.stream holds its body's bytes in the downloader's budget until release() is
+    called (or the result is dropped); results from download_batch hold nothing."""
 
     url: str
     status: str
@@ -137,6 +153,135 @@ class DownloadResult:
     content_type: str | None = None
     elapsed: float = 0.0
     attempts: int = 0
+    lease: BodyLease | None = field(default=None, repr=False, compare=False)
+
+    def release(self) -> None:
+        """Drop the body and give its bytes back to the downloader's budget: call once it is decoded."""
+        self.body = None
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+
+class ByteBudget:
+    """The bytes of response bodies one downloader holds at once, at most `capacity`.
+
+    A body's bytes are reserved when its response headers arrive: its Content-Length, or max_body_bytes when
+    the length is unknown (chunked, or compressed, since aiohttp inflates it), cut to the real size once the
+    body is read. A reservation that does not fit waits, first come first served, rather than fails, and a
+    reservation never grows while its body streams, so every response holding one can finish: the budget
+    cannot deadlock on itself. (Memory held by aiohttp's read buffers, up to 64 KiB a connection, and the one
+    join of a body's chunks at a time are outside it.)
+
+    The reservation then either ends with the response (download_batch, which returns every body at once and
+    so bounds only the bytes streaming) or passes to the result, which the caller releases once the body is
+    decoded (Downloader.stream). In that case the bytes downloaded but not yet decoded, plus those streaming,
+    never exceed the capacity; and new URLs are not started while released-later bodies fill half of it, so
+    that requests already sent are not left waiting for room while their deadline runs. It lives on the
+    downloader's event loop; results may be released from any thread.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.used = 0  # reserved: streaming, or held by results not yet released
+        self.held = 0  # of which held by results
+        self.peak = 0
+        self._queue: deque[tuple[int, asyncio.Future]] = deque()
+        self._watchers: list[asyncio.Future] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def admit(self) -> None:
+        """Wait while bodies handed out and not yet released hold more than half the capacity."""
+        while self.held > self.capacity // 2:
+            watcher = asyncio.get_running_loop().create_future()
+            self._watchers.append(watcher)
+            await watcher
+
+    async def reserve(self, nbytes: int) -> None:
+        """Take `nbytes` (at most the capacity), waiting in turn until they fit."""
+        self._loop = asyncio.get_running_loop()
+        if not self._queue and self.used + nbytes <= self.capacity:
+            self._take(nbytes)
+            return
+        turn = self._loop.create_future()
+        self._queue.append((nbytes, turn))
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():  # granted, then cancelled before it could resume
+                self.give_back(nbytes)
+            else:
+                self._grant()  # a cancelled turn at the head must not hold up those behind it
+            raise
+
+    def give_back(self, nbytes: int) -> None:
+        self.used -= nbytes
+        self._grant()
+
+    def lease(self, nbytes: int) -> BodyLease:
+        """Pass `nbytes` already reserved to a downloaded body, which gives them back when released."""
+        return BodyLease(self, nbytes)
+
+    def _take(self, nbytes: int) -> None:
+        self.used += nbytes
+        self.peak = max(self.peak, self.used)
+
+    def _give_back_lease(self, nbytes: int, held: bool) -> None:
+        if held:
+            self.held -= nbytes
+        self.give_back(nbytes)
+
+    def _grant(self) -> None:
+        while self._queue:
+            nbytes, turn = self._queue[0]
+            if turn.done():
+                self._queue.popleft()
+            elif self.used + nbytes <= self.capacity:
+                self._queue.popleft()
+                self._take(nbytes)
+                turn.set_result(None)
+            else:
+                break
+        watchers, self._watchers = self._watchers, []
+        for watcher in watchers:
+            if not watcher.done():
+                watcher.set_result(None)
+
+
+class BodyLease:
+    """A downloaded body's share of a ByteBudget. Given back once, from any thread, by release(), or when
+    the lease is collected (a result dropped unreleased, a download cancelled after its body arrived)."""
+
+    def __init__(self, budget: ByteBudget, nbytes: int):
+        self._budget = budget
+        self._nbytes = nbytes
+        self._held = False
+        self._lock = threading.Lock()
+
+    def hold(self) -> None:
+        """Count the bytes as handed out (see ByteBudget.admit); called on the budget's event loop."""
+        self._held = True
+        self._budget.held += self._nbytes
+
+    def release(self) -> None:
+        with self._lock:
+            nbytes, self._nbytes = self._nbytes, 0
+        loop = self._budget._loop
+        if not nbytes or loop is None or loop.is_closed():
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._budget._give_back_lease(nbytes, self._held)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing waits on it any more
+            loop.call_soon_threadsafe(self._budget._give_back_lease, nbytes, self._held)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit the loop may be half torn down
+            self.release()
 
 
 class RefusedAddressError(OSError):
@@ -391,6 +536,7 @@ class _Attempt:
     http_status: int | None = None
     final_url: str | None = None
     content_type: str | None = None
+    lease: BodyLease | None = None  # the budget's bytes that `body` holds
 
 
 class AsyncDownloader:
@@ -401,6 +547,7 @@ class AsyncDownloader:
         self.config = config if config is not None else DownloaderConfig()
         self.session: aiohttp.ClientSession | None = None
         self._slots: asyncio.Semaphore | None = None
+        self.budget = ByteBudget(self.config.max_bytes_in_flight)
 
     async def open(self) -> None:
         cfg = self.config
@@ -436,18 +583,53 @@ class AsyncDownloader:
         await self.close()
 
     async def download_many(self, urls: Sequence[Any]) -> list[DownloadResult]:
-        """All URLs concurrently (bounded by max_in_flight); results in input order."""
+        """All URLs concurrently (bounded by max_in_flight); results in input order. The budget bounds only
+        the bytes streaming: every body of the batch is returned at once."""
         return list(await asyncio.gather(*(self.download(url) for url in urls)))
 
-    async def download(self, url: Any) -> DownloadResult:
-        """One URL, retried within its deadline. Never raises for anything the URL or server does."""
+    async def download_each(self, urls: Sequence[Any], deliver: Callable[[Any], None]) -> None:
+        """Download every URL, at most max_in_flight at once, handing `deliver` (index, result) as each
+        finishes (or an exception, if the downloader itself breaks). Each result holds its body's bytes in
+        the budget until released, so the caller must release results as it goes, not collect them."""
+
+        async def one(index: int, url: Any) -> None:
+            try:
+                result = await self.download(url, hold=True)
+            except Exception as error:
+                deliver(error)
+                return
+            deliver((index, result))
+
+        pending: set[asyncio.Future] = set()
+        try:
+            for index, url in enumerate(urls):
+                if len(pending) >= self.config.max_in_flight:
+                    _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                pending.add(asyncio.ensure_future(one(index, url)))
+            if pending:
+                await asyncio.wait(pending)
+        finally:
+            for task in pending:
+                task.cancel()
+
+    async def download(self, url: Any, hold: bool = False) -> DownloadResult:
+        """One URL, retried within its deadline. Never raises for anything the URL or server does. With
+        `hold`, a body keeps its bytes in the budget until the result is released (see ByteBudget)."""
         if self.session is None or self._slots is None:
             raise RuntimeError("AsyncDownloader is not open: use `async with AsyncDownloader(...)`")
+        # Waiting for room happens before the deadline starts: it is the worker's delay, not the server's.
+        await self.budget.admit()
         async with self._slots:
             start = time.monotonic()
             result = await self._download_with_retries(url, start)
             result.elapsed = time.monotonic() - start
-            return result
+        if result.lease is not None:
+            if hold:
+                result.lease.hold()
+            else:
+                result.lease.release()
+                result.lease = None
+        return result
 
     async def _download_with_retries(self, url: Any, start: float) -> DownloadResult:
         cfg = self.config
@@ -480,6 +662,7 @@ class AsyncDownloader:
                     final_url=attempt.final_url,
                     content_type=attempt.content_type,
                     attempts=attempts,
+                    lease=attempt.lease,
                 )
             last = attempt
             message = attempt.error_message
@@ -606,20 +789,32 @@ class AsyncDownloader:
                 f"body too large: Content-Length {response.content_length} > limit {cfg.max_body_bytes}"
             )
             return done
-        # Content-Length may lie or be absent (chunked, compressed), so the cap is enforced while reading.
-        chunks, size = [], 0
-        async for chunk in response.content.iter_chunked(STREAM_CHUNK_BYTES):
-            size += len(chunk)
-            if size > cfg.max_body_bytes:
-                response.close()
-                done.error_message = f"body too large: more than {cfg.max_body_bytes} bytes streamed"
+        # aiohttp reads exactly Content-Length bytes of an unencoded body; an encoded one is inflated to an
+        # unknown size, and so is a chunked one. Unknown sizes reserve the largest body accepted.
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        known = response.content_length if encoding in ("", "identity") else None
+        reserved = cfg.max_body_bytes if known is None else known
+        await self.budget.reserve(reserved)
+        try:
+            # Content-Length may lie or be absent, so the cap is enforced while reading.
+            chunks, size = [], 0
+            async for chunk in response.content.iter_chunked(STREAM_CHUNK_BYTES):
+                size += len(chunk)
+                if size > reserved:
+                    response.close()
+                    done.error_message = f"body too large: more than {reserved} bytes streamed"
+                    return done
+                chunks.append(chunk)
+            if size == 0:
+                done.error_message = "empty body"
                 return done
-            chunks.append(chunk)
-        if size == 0:
-            done.error_message = "empty body"
+            done.body = b"".join(chunks)
+            self.budget.give_back(reserved - size)
+            done.lease, reserved = self.budget.lease(size), 0
             return done
-        done.body = b"".join(chunks)
-        return done
+        finally:
+            if reserved:  # failed or cancelled while streaming
+                self.budget.give_back(reserved)
 
 
 class Downloader:
@@ -645,11 +840,45 @@ class Downloader:
         # A loop of our own in its own thread works whether or not the caller already runs an event loop.
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
+    @property
+    def budget(self) -> ByteBudget:
+        return self._core.budget
+
     def download_batch(self, urls: Iterable[Any]) -> list[DownloadResult]:
-        """Download every URL concurrently; one DownloadResult per URL, in input order."""
+        """Download every URL concurrently; one DownloadResult per URL, in input order. Every body comes
+        back at once, so only the bytes streaming are bounded by max_bytes_in_flight: use stream() to bound
+        the bodies waiting to be decoded too."""
         if self._loop.is_closed():
             raise RuntimeError("Downloader is closed")
         return self._run(self._core.download_many(list(urls)))
+
+    def stream(self, urls: Iterable[Any]) -> Iterator[tuple[int, DownloadResult]]:
+        """Download every URL, yielding (position in `urls`, result) as each finishes. A body counts against
+        max_bytes_in_flight until result.release() (or until the result is dropped): release each one once
+        it is decoded, and the bodies streaming plus those waiting to be decoded stay within the budget,
+        downloads waiting for room meanwhile. Closing the iterator early cancels the downloads left."""
+        if self._loop.is_closed():
+            raise RuntimeError("Downloader is closed")
+        urls = list(urls)
+        arrived: queue.SimpleQueue = queue.SimpleQueue()
+        work = asyncio.run_coroutine_threadsafe(self._core.download_each(urls, arrived.put), self._loop)
+        try:
+            for _ in range(len(urls)):
+                item = arrived.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+            work.result()
+        finally:
+            if not work.done():
+                work.cancel()
+            while True:  # results that arrived but were never taken
+                try:
+                    item = arrived.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, tuple):
+                    item[1].release()
 
     def close(self) -> None:
         if self._loop.is_closed():

@@ -19,7 +19,7 @@ import io
 import json
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -35,8 +35,6 @@ from pipelines.ingest.downloader import Downloader
 from pipelines.ingest.filters import FILTERED, SUCCESS, ClipScorer, FilterConfig, filter_reasons
 from pipelines.ingest.resizer import Resizer
 
-# Rows downloaded together; the next chunk downloads while this one is decoded and resized.
-DOWNLOAD_CHUNK = 256
 DECODE_THREADS = 2
 SUMMARY_EVERY_S = 5.0
 # Up to this many input rows, run-wide dedup gathers its keys in the driver instead of shuffling on Ray.
@@ -73,30 +71,37 @@ class ShardStager:
             table = dedup.apply_duplicates(table, url_duplicates, "url")
         rows = table.to_pylist()
         pending = [i for i, row in enumerate(rows) if row["status"] is None]
-        chunks = [pending[i : i + DOWNLOAD_CHUNK] for i in range(0, len(pending), DOWNLOAD_CHUNK)]
         progress = Progress(prefix=f"[ingest shard {spec.shard_id}]")
-        with ThreadPoolExecutor(1) as prefetch, ThreadPoolExecutor(DECODE_THREADS) as decode:
-            future = prefetch.submit(self._download, rows, chunks[0]) if chunks else None
-            for n, chunk in enumerate(chunks):
-                results = future.result()
-                if n + 1 < len(chunks):
-                    future = prefetch.submit(self._download, rows, chunks[n + 1])
-                # Decoding releases the GIL, so a second thread keeps both cores busy when this worker runs a
-                # run's last shard alone.
-                list(decode.map(self._decode_and_filter, [rows[i] for i in chunk], results))
-                # Workers' output reaches the driver's log, so long shards show progress every few seconds.
-                progress.add(Counter(rows[i]["status"] for i in chunk))
+        with ThreadPoolExecutor(DECODE_THREADS) as decode:
+            # Each body is decoded as soon as it arrives and then released, so the bytes a worker holds
+            # (streaming or waiting to be decoded) stay within download.max_bytes_in_flight; downloads wait
+            # for room when decoding falls behind. Decoding releases the GIL, so a second thread keeps both
+            # cores busy when this worker runs a run's last shard alone.
+            decoding: deque = deque()
+            for n, download in self.downloader.stream(rows[i]["url"] for i in pending):
+                row = rows[pending[n]]
+                decoding.append((row, decode.submit(self._decode_and_filter, row, download)))
+                while decoding and decoding[0][1].done():
+                    self._count(progress, *decoding.popleft())
+            while decoding:
+                self._count(progress, *decoding.popleft())
         carried = [table.schema.field(name) for name in writer.carried_names(table.column_names)]
         return pa.Table.from_pylist(rows, schema=writer.staged_schema(carried, scored=False))
 
-    def _download(self, rows: list[dict], chunk: list[int]):
-        return self.downloader.download_batch([rows[i]["url"] for i in chunk])
+    @staticmethod
+    def _count(progress: Progress, row: dict, decoded) -> None:
+        decoded.result()
+        # Workers' output reaches the driver's log, so long shards show progress every few seconds.
+        progress.add({row["status"]: 1})
 
     def _decode_and_filter(self, row: dict, download) -> None:
         if download.status != SUCCESS:
             row["status"], row["error_message"] = download.status, download.error_message
             return
-        image = self.resizer(download.body)
+        try:
+            image = self.resizer(download.body)
+        finally:
+            download.release()
         row.update(
             status=image.status,
             error_message=image.error_message,

@@ -1,6 +1,9 @@
 """Ingest stage 3: decode downloaded bytes, make them upright 8-bit RGB, resize and re-encode them.
 Resize modes and output sizes follow img2dataset's; JPEGs being shrunk are decoded at reduced size
 (libjpeg DCT scaling through Pillow's draft mode), which is where most of the speed comes from.
+Before any decoder sees the bytes, their format must be allowed and their headers must pass the checks in
+image_headers (size, scans, tiles, chunks): a hostile file fails with a reason instead of costing
+gigabytes or minutes.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from pipelines.ingest import image_headers
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 # Same names as img2dataset's interpolation options.
@@ -35,6 +40,8 @@ ENCODERS = {
 }
 # Pillow's own default limit, made explicit so that it is ours to configure.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+DEFAULT_ALLOWED_FORMATS = image_headers.DEFAULT_ALLOWED_FORMATS
+DEFAULT_MAX_JPEG_SCANS = image_headers.DEFAULT_MAX_JPEG_SCANS
 
 # EXIF orientation -> the transpose that makes the stored pixels upright. 5-8 swap width and height.
 _UPRIGHT = {
@@ -66,10 +73,16 @@ class ResizerConfig:
     encode_format: str = "jpg"
     # None: the format's default (95 for jpg and webp, compression 3 for png).
     encode_quality: int | None = None
-    # Images whose header claims more pixels than this are refused before any pixel is decoded.
+    # Images whose header claims more pixels than this are refused before any pixel is decoded. A decode
+    # costs about 3 (JPEG) to 36 (WebP with alpha, flattened on white) bytes a pixel at its peak.
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     # Decode JPEGs at 1/2, 1/4 or 1/8 scale when the output is smaller anyway.
     reduced_decode: bool = True
+    # Formats decoded, told by the bytes' signature (never the URL or Content-Type): any of
+    # image_headers.CHECKED_FORMATS. Everything else fails to decode, with the format's name.
+    allowed_formats: tuple[str, ...] = DEFAULT_ALLOWED_FORMATS
+    # Scans a progressive or arithmetic-coded JPEG may have: each costs a pass over every block.
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS
 
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
@@ -92,6 +105,16 @@ class ResizerConfig:
             )
         if self.max_image_pixels < 1:
             raise ValueError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
+        if self.max_jpeg_scans < 1:
+            raise ValueError(f"max_jpeg_scans must be positive, got {self.max_jpeg_scans}")
+        formats = tuple(name.upper() for name in self.allowed_formats)
+        unknown = [name for name in formats if name not in image_headers.CHECKED_FORMATS]
+        if unknown or not formats:
+            raise ValueError(
+                f"allowed_formats must be a non-empty list of {list(image_headers.CHECKED_FORMATS)} "
+                f"(the formats whose headers are checked before decoding), got {list(self.allowed_formats)}"
+            )
+        object.__setattr__(self, "allowed_formats", formats)
 
 
 @dataclass
@@ -168,12 +191,25 @@ class Resizer:
         config = self.config
         if not raw:
             return self._failure(sha256, "empty body: 0 bytes received")
+        fmt = image_headers.sniff_format(raw)
+        if fmt is None:
+            return self._failure(sha256, _unknown_format_message(raw))
+        if fmt not in config.allowed_formats:
+            return self._failure(
+                sha256, f"format {fmt} is not allowed (allowed_formats: {', '.join(config.allowed_formats)})"
+            )
+        refusal = image_headers.refusal(fmt, raw, config.max_image_pixels, config.max_jpeg_scans)
+        if refusal is not None:
+            return self._failure(sha256, refusal)
+        if fmt == "HDR":
+            return self._decode_with_opencv(raw, sha256)
         try:
-            image = Image.open(io.BytesIO(raw))
+            # Only the plugin of the format the signature named, so no other plugin gets to guess.
+            image = Image.open(io.BytesIO(raw), formats=(fmt,))
         except Image.DecompressionBombError as error:
             return self._failure(sha256, f"refused before decoding, possible decompression bomb: {error}")
         except UnidentifiedImageError:
-            return self._decode_with_opencv(raw, sha256)
+            return self._failure(sha256, f"cannot decode image: Pillow cannot read this {fmt} file's header")
 
         stored_width, stored_height = image.size
         if stored_width * stored_height > config.max_image_pixels:
@@ -219,23 +255,15 @@ class Resizer:
         return self._finish(_to_bgr(image), width, height, sha256)
 
     def _decode_with_opencv(self, raw: bytes, sha256: str) -> ResizeResult:
-        """For the few formats Pillow does not know (e.g. Radiance HDR). OpenCV has no header-only read,
-        so here its own pixel cap (OPENCV_IO_MAX_IMAGE_PIXELS) guards the decode and ours is checked after."""
-        head = raw[:64].lstrip()
-        if head.startswith(b"<"):
-            # Servers answer dead links with HTML pages; SVG is XML text that we do not rasterise.
-            return self._failure(
-                sha256, f"not an image: the body is HTML/XML text ({len(raw)} bytes, starts {head[:20]!r})"
-            )
+        """Radiance HDR, which Pillow does not read. OpenCV has no header-only read and decodes before it
+        checks anything, so it only ever sees bytes whose size image_headers has already checked (its own
+        OPENCV_IO_MAX_IMAGE_PIXELS is read once, at import, and cannot follow our config)."""
         decoded = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
         if decoded is None or decoded.size == 0:
             return self._failure(
-                sha256,
-                f"not an image: neither Pillow nor OpenCV recognise these {len(raw)} bytes (first {raw[:8]!r})",
+                sha256, f"cannot decode image: OpenCV cannot read these {len(raw)} HDR bytes"
             )
         height, width = decoded.shape[:2]
-        if width * height > self.config.max_image_pixels:
-            return self._failure(sha256, _bomb_message(width, height, self.config.max_image_pixels))
         return self._finish(_opencv_to_bgr(decoded), width, height, sha256)
 
     def _finish(self, pixels: np.ndarray, width: int, height: int, sha256: str) -> ResizeResult:
@@ -279,11 +307,15 @@ class Resizer:
         )
 
 
-def _bomb_message(width: int, height: int, limit: int) -> str:
-    return (
-        f"refused before decoding, possible decompression bomb: header says {width}x{height} = "
-        f"{width * height} pixels, above the limit of {limit}"
-    )
+_bomb_message = image_headers.bomb_message
+
+
+def _unknown_format_message(raw: bytes) -> str:
+    head = raw[:64].lstrip()
+    if head.startswith(b"<"):
+        # Servers answer dead links with HTML pages; SVG is XML text that we do not rasterise.
+        return f"not an image: the body is HTML/XML text ({len(raw)} bytes, starts {head[:20]!r})"
+    return f"not an image: these {len(raw)} bytes start {raw[:8]!r}, the signature of no image format we read"
 
 
 def _exif_orientation(image: Image.Image) -> int:
@@ -302,9 +334,8 @@ def _opencv_decodes_alike(image: Image.Image, raw: bytes) -> bool:
         # libjpeg only warns about a missing end of image and OpenCV then returns grey-filled pixels;
         # Pillow raises, so truncated files go to Pillow.
         return raw.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
-    if image.format == "PNG":
-        # Likewise a PNG cut short would make libpng print errors; Pillow reports it instead.
-        return raw.endswith(b"IEND\xaeB`\x82")
+    # Not PNG: libpng inflates every IDAT byte even when the image is full (a 1 MB file can hold a GB of
+    # zeros after its pixels), where Pillow stops at the image's end.
     return image.format == "WEBP"
 
 
@@ -357,8 +388,11 @@ def _opencv_to_bgr(decoded: np.ndarray) -> np.ndarray:
     if decoded.dtype == np.uint16:
         decoded = np.rint(decoded / 257.0).astype(np.uint8)
     elif decoded.dtype != np.uint8:
-        # Float formats such as HDR hold linear light around [0, 1].
-        decoded = (np.clip(decoded, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        # Float formats such as HDR hold linear light around [0, 1]. In place: HDR is 12 bytes a pixel.
+        np.clip(decoded, 0.0, 1.0, out=decoded)
+        decoded *= 255.0
+        decoded += 0.5
+        decoded = decoded.astype(np.uint8)
     if decoded.ndim == 2:
         return cv2.cvtColor(decoded, cv2.COLOR_GRAY2BGR)
     if decoded.shape[2] == 4:

@@ -138,6 +138,8 @@ def test_overwrite_replaces_an_ingest_output(tmp_path):
         (("--samples-per-shard", "3"), "samples_per_shard"),
         (("--caption-col", ""), "caption_col"),
         (("--set", "dedup.content=false"), "dedup.content"),
+        (("--set", "allowed_formats=[JPEG]"), "allowed_formats"),
+        (("--set", "max_jpeg_scans=5"), "max_jpeg_scans"),
     ],
 )
 def test_a_rerun_with_other_output_deciding_config_is_refused_naming_the_field(tmp_path, change, named):

@@ -32,6 +32,7 @@ OPERATIONAL_FIELDS = frozenset(
         "download.max_retries",
         "download.max_in_flight",
         "download.max_per_host",
+        "download.max_bytes_in_flight",
         "download.user_agent_token",
         "filters.clip_score.batch_size",
         "filters.clip_score.use_gpu",

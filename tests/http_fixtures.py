@@ -6,10 +6,15 @@ and which records every request so tests can count attempts and TCP connections.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import http.server
 import io
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
 
 from aiohttp import web
 from PIL import Image
@@ -189,3 +194,22 @@ class HttpTestServer:
         if name not in self.blobs:
             raise web.HTTPNotFound()
         return web.Response(body=self.blobs[name], content_type="application/octet-stream")
+
+
+class _QuietFileHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass  # a test's output is what it checks, not one line per request
+
+
+@contextlib.contextmanager
+def serve_directory(root: Path) -> Iterator[str]:
+    """Serve a folder's files over HTTP on loopback (threaded, like a static site); yields the base URL."""
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietFileHandler, directory=root)
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

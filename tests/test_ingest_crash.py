@@ -10,14 +10,11 @@ named in CLIP_RAY_KILL_AT, so each run in the chain dies at the point it names, 
 from __future__ import annotations
 
 import csv
-import functools
-import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,6 +25,7 @@ import torch
 import clip_core
 from pipelines import failpoints, scenes
 from pipelines.ingest import writer
+from tests.http_fixtures import serve_directory
 
 NUM_SCENES = 26
 SAMPLES_PER_SHARD = 4
@@ -53,11 +51,6 @@ KILL_CHAIN = (
 )
 
 
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass  # the test's output is the job's log, not one line per request
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("site")
@@ -68,12 +61,8 @@ def site(tmp_path_factory):
         captions[i] = scene.caption
     (root / "copy_of_scene2.jpg").write_bytes((root / "scene2.jpg").read_bytes())
     (root / "garbage.jpg").write_bytes(os.urandom(1500))
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=root)
-    )
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", captions
-    server.shutdown()
+    with serve_directory(root) as base:
+        yield base, captions
 
 
 @pytest.fixture(scope="module")

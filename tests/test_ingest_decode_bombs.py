@@ -198,3 +198,34 @@ def test_a_shard_stager_downloading_bombs_and_many_big_bodies_stays_within_its_m
         else:
             assert row["status"] == "failed_to_decode" and reason in row["error_message"], case
     assert rows[-1]["grew_mb"] < MEMORY_BOUND_MB, f"the worker grew by {rows[-1]['grew_mb']:.0f} MB"
+
+
+def test_opencv_limits_from_the_config_stop_opencv_itself(tmp_path):
+    # The staging workers get these variables in their environment; in a fresh process OpenCV then refuses
+    # images over max_image_pixels on its own, behind image_headers' checks.
+    from pipelines.ingest import job
+    from pipelines.ingest.config import load_config
+
+    cfg = load_config(
+        ["--input", "in.parquet", "--output", str(tmp_path / "out"), "--max-image-pixels", "10000"]
+    )
+    limits = job.opencv_limits(cfg)
+    assert limits["OPENCV_IO_MAX_IMAGE_PIXELS"] == "10000"
+    script = (
+        "import sys, cv2, numpy as np\n"
+        "for side in (100, 101):\n"
+        "    ok, png = cv2.imencode('.png', np.zeros((side, side, 3), np.uint8))\n"
+        "    try:\n"
+        "        decoded = cv2.imdecode(png, cv2.IMREAD_UNCHANGED)\n"
+        "    except cv2.error:\n"
+        "        decoded = None\n"
+        "    print(side, decoded is not None)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, **limits},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout.split() == ["100", "True", "101", "False"], result.stdout + result.stderr

@@ -4,15 +4,12 @@ through `ray job submit` on the local stack. Kills and resumes are tests/test_in
 
 from __future__ import annotations
 
-import functools
-import http.server
 import io
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import mlflow
@@ -26,14 +23,9 @@ from PIL import Image
 import clip_core
 from pipelines import scenes, storage
 from pipelines.ingest import job, writer
-from tests.http_fixtures import HttpTestServer
+from tests.http_fixtures import HttpTestServer, serve_directory
 
 NUM_SCENES = 40
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +49,9 @@ def site(tmp_path_factory):
     (root / "bomb.png").write_bytes(
         b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x01\x86\xa0\x00\x01\x86\xa0\x08\x02\x00\x00\x00\x00\x00\x00\x00"
     )
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=root)
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     hostile = HttpTestServer().start()
-    yield {"base": f"http://127.0.0.1:{server.server_address[1]}", "hostile": hostile, "captions": captions}
-    server.shutdown()
+    with serve_directory(root) as base:
+        yield {"base": base, "hostile": hostile, "captions": captions}
     hostile.stop()
 
 

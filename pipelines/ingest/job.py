@@ -124,6 +124,17 @@ class ShardStager:
         self.downloader.close()
 
 
+def opencv_limits(cfg: IngestConfig) -> dict[str, str]:
+    """OpenCV's own decode limits, from the config. OpenCV reads them from the environment once, when it is
+    loaded, so they go into the staging workers' environment rather than being set at run time. They back up
+    image_headers' checks: OpenCV only decodes bytes whose header those have passed."""
+    return {
+        "OPENCV_IO_MAX_IMAGE_PIXELS": str(cfg.max_image_pixels),
+        "OPENCV_IO_MAX_IMAGE_WIDTH": str(min(cfg.max_image_pixels, 1 << 20)),
+        "OPENCV_IO_MAX_IMAGE_HEIGHT": str(min(cfg.max_image_pixels, 1 << 20)),
+    }
+
+
 def write_table(uri: str, table: pa.Table, failpoint: str | None = None, shard_id: int | None = None) -> None:
     """Publish a Parquet file atomically: it appears whole or not at all."""
     with storage.open_write(uri) as out:
@@ -349,6 +360,7 @@ def run(cfg: IngestConfig) -> dict:
             fn_constructor_kwargs={"cfg_yaml": cfg_yaml, "specs": specs},
             concurrency=min(workers, len(items)),
             num_cpus=1,
+            runtime_env={"env_vars": opencv_limits(cfg)},
         )
         for result in staging.iter_rows():
             progress.add(json.loads(result["counts"]))

@@ -256,8 +256,9 @@ class Resizer:
 
     def _decode_with_opencv(self, raw: bytes, sha256: str) -> ResizeResult:
         """Radiance HDR, which Pillow does not read. OpenCV has no header-only read and decodes before it
-        checks anything, so it only ever sees bytes whose size image_headers has already checked (its own
-        OPENCV_IO_MAX_IMAGE_PIXELS is read once, at import, and cannot follow our config)."""
+        checks anything, so it only ever sees bytes whose size image_headers has already checked. Its own
+        limits (OPENCV_IO_MAX_IMAGE_PIXELS, read once when OpenCV loads) come from the config through the
+        staging workers' environment: see job.opencv_limits."""
         decoded = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
         if decoded is None or decoded.size == 0:
             return self._failure(

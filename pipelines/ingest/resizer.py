@@ -377,11 +377,19 @@ def _to_bgr(image: Image.Image) -> np.ndarray:
     return cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR)
 
 
+# Rows flattened at a time: the uint16 temporaries of a whole large canvas would cost ~30 bytes a pixel.
+_FLATTEN_ROWS = 256
+
+
 def _flatten_on_white(rgba: np.ndarray) -> np.ndarray:
     # rgb * a/255 + 255 * (1 - a/255), rounded, in integers: the sum never exceeds 255*255 so uint16 holds it.
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    rgb = rgba[..., :3].astype(np.uint16)
-    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+    out = np.empty((*rgba.shape[:2], 3), np.uint8)
+    for top in range(0, rgba.shape[0], _FLATTEN_ROWS):
+        block = rgba[top : top + _FLATTEN_ROWS]
+        alpha = block[..., 3:4].astype(np.uint16)
+        rgb = block[..., :3].astype(np.uint16)
+        out[top : top + _FLATTEN_ROWS] = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
+    return out
 
 
 def _opencv_to_bgr(decoded: np.ndarray) -> np.ndarray:

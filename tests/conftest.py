@@ -74,3 +74,24 @@ def s3_prefix(local_stack: LocalStack) -> Iterator[str]:
     prefix = f"s3://{stack.DATA_BUCKET}/tests/{uuid.uuid4().hex}"
     yield prefix
     storage.delete(prefix, recursive=True, settings=local_stack.s3_settings)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Leaving the interpreter. Ray's, gRPC's and aiohttp's daemon threads can still be inside C code when the
+# interpreter finalizes after the last test, and one run of the whole suite segfaulted there (after its
+# "N passed" line), turning a green run red. The results are final by then: exit with pytest's status without
+# finalizing, after flushing what was printed.
+_exit_status: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    _exit_status.append(int(exitstatus))
+
+
+def pytest_unconfigure(config) -> None:
+    if _exit_status and not hasattr(config, "workerinput"):
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status[-1])

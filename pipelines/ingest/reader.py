@@ -368,10 +368,9 @@ class _QuoteCheckedStream:
     def close(self) -> None:
         self.stream.close()
 
-    def drain(self) -> None:
+    def drain(self, read_size: int = READ_CHUNK_BYTES) -> None:
         """Follow the rest of the file: raises if a quote open where pyarrow stopped never closes."""
-        while self.read(READ_CHUNK_BYTES):
-            pass
+        collections.deque(iter(lambda: self.read(read_size), b""), maxlen=0)  # read to the end
 
     def _follow(self, data: bytes) -> None:
         if not data:

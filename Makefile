@@ -1,10 +1,11 @@
 # The two commands of the README: `make demo` and `make test`. Both install into .venv/ first.
+# `make check` is the quick loop: lint and the tests that need no services (see the markers in pyproject.toml).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint stack-start stack-stop stack-status bench clean
+.PHONY: install demo test check lint stack-start stack-stop stack-status bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +23,11 @@ test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
+
+check: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -m "not stack and not cluster and not browser and not slow"
 
 lint: install
 	$(VENV)/bin/ruff check --fix .

@@ -77,6 +77,22 @@ def s3_prefix(local_stack: LocalStack) -> Iterator[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Test tiers, by what a test needs (pyproject.toml registers the markers; `make check` deselects all four):
+# `stack` the local stack's services, `cluster` a Ray cluster of its own, `browser` Chromium, `slow` minutes
+# of work. A test that asks for a stack fixture is marked `stack` here, and one that asks for a fixture named
+# `*_ray` (the test modules' own Ray clusters) is marked `cluster`, so no test file can forget them.
+STACK_FIXTURES = frozenset({"local_stack", "auth_stack", "local_stack_env", "s3_prefix"})
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if STACK_FIXTURES.intersection(item.fixturenames):
+            item.add_marker(pytest.mark.stack)
+        if any(name.endswith("_ray") for name in item.fixturenames):
+            item.add_marker(pytest.mark.cluster)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Leaving the interpreter. Ray's, gRPC's and aiohttp's daemon threads can still be inside C code when the
 # interpreter finalizes after the last test, and one run of the whole suite segfaulted there (after its
 # "N passed" line), turning a green run red. The results are final by then: exit with pytest's status without

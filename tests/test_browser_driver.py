@@ -16,6 +16,8 @@ import pytest  # noqa: E402
 
 from tests.browser import BrowserError, HeadlessChromium  # noqa: E402
 
+pytestmark = pytest.mark.browser
+
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
 
 

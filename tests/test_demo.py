@@ -20,6 +20,8 @@ import pytest
 from pipelines import storage
 from tests.browser import HeadlessChromium
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
 STEPS = 30
 

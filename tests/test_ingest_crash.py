@@ -27,6 +27,8 @@ from pipelines import failpoints, scenes
 from pipelines.ingest import writer
 from tests.http_fixtures import serve_directory
 
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
 NUM_SCENES = 26
 SAMPLES_PER_SHARD = 4
 

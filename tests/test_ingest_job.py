@@ -25,6 +25,8 @@ from pipelines import scenes, storage
 from pipelines.ingest import job, writer
 from tests.http_fixtures import HttpTestServer, serve_directory
 
+pytestmark = pytest.mark.cluster
+
 NUM_SCENES = 40
 
 

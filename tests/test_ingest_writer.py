@@ -131,6 +131,7 @@ def test_openclip_training_loader_reads_the_shard(tmp_path):
     assert torch.equal(texts[0], tokenizer(["a photo of thing 30"])[0])
 
 
+@pytest.mark.cluster
 def test_ray_data_reads_the_shard(tmp_path, monkeypatch):
     import ray
 

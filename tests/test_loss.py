@@ -165,6 +165,7 @@ def single_process_reference():
     return train_step_grads(model, ClipLoss(), images, texts)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("local_loss", [False, True])
 def test_gather_with_grad_matches_single_process_training(
@@ -179,6 +180,7 @@ def test_gather_with_grad_matches_single_process_training(
     assert_gradients_close(grads, expected_grads, rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("local_loss", [False, True])
 def test_gather_without_grad_keeps_the_global_loss_value(
@@ -188,6 +190,7 @@ def test_gather_without_grad_keeps_the_global_loss_value(
     torch.testing.assert_close(loss, single_process_reference[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_gather_without_grad_scales_encoder_gradients_by_one_over_world_size(
     distributed_results, single_process_reference

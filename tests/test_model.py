@@ -25,6 +25,9 @@ torch.set_num_threads(2)
 REQUIRED = ["RN50", "RN101", "ViT-B-32", "ViT-B-16", "ViT-L-14"]
 OPENCLIP_NAMED = REQUIRED + [f"{name}-quickgelu" for name in REQUIRED]
 ALL_CONFIGS = OPENCLIP_NAMED + ["ViT-Tiny-16"]
+# The parity tests build each architecture twice; beyond one ResNet and one ViT that is minutes of CPU, so the
+# rest run in `make test` only (marked slow).
+QUICK_CONFIGS = {"RN50", "ViT-B-32", "ViT-Tiny-16"}
 OPENCLIP_CONFIG_DIR = Path(open_clip.__file__).parent / "model_configs"
 CAPTIONS = ["a photo of a dog.", "a diagram of a transformer block with two layer norms"]
 # A ModifiedResNet small enough for CPU tests: one block per stage, 16-channel stem.
@@ -73,7 +76,12 @@ def test_open_clip_accepts_our_tiny_config():
     assert open_clip.get_model_config("ViT-Tiny-16") == get_model_config("ViT-Tiny-16")
 
 
-@pytest.fixture(scope="module", params=ALL_CONFIGS)
+@pytest.fixture(
+    scope="module",
+    params=[
+        name if name in QUICK_CONFIGS else pytest.param(name, marks=pytest.mark.slow) for name in ALL_CONFIGS
+    ],
+)
 def model_pair(request):
     """(name, ours, OpenCLIP's) for one architecture, OpenCLIP's weights perturbed, both in eval mode."""
     name = request.param

@@ -208,6 +208,7 @@ def test_module_tokenize_matches_open_clip_one_text_at_a_time():
         assert torch.equal(tokenize(text), open_clip.tokenize(text)), text
 
 
+@pytest.mark.slow
 def test_fuzzed_texts_match_open_clip(tokenizer, reference):
     texts = fuzz_texts(4000, seed=1234)
     for context_length in (77, 24):

@@ -83,6 +83,7 @@ def test_missing_required_options_are_named():
         load_config(["--steps", "10", "--batch-size", "8", "--output", "/o"])
 
 
+@pytest.mark.slow
 def test_cli_stops_with_one_sentence_on_a_bad_config_and_on_data_without_shards(tmp_path):
     bad = subprocess.run(
         [sys.executable, "-m", "pipelines.train", *REQUIRED, "--batch-size", "30"],

@@ -1,7 +1,8 @@
-"""Ingest stage 1: read URL+caption lists (Parquet, CSV, TSV, JSONL; plain or gzip) from a file, folder or glob,
-local or S3, and split them into deterministic shards: shard N holds the input rows whose row_index lies in
+"""Ingest step 1, plan: read URL+caption lists (Parquet, CSV, TSV, JSONL; plain or gzip) from a file, folder or
+glob, local or S3, and split them into deterministic shards: shard N holds the input rows whose row_index lies in
 [N * samples_per_shard, (N + 1) * samples_per_shard), counting files in sorted path order and rows in file order.
-Text files are copied once into Parquet under the output (_input_cache/), so a shard reads only its row groups.
+Text files are copied once into Parquet under the output (_input_cache/), so a shard reads only its row groups
+when step 3 reads it back (read_shard).
 """
 
 from __future__ import annotations

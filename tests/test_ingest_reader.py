@@ -16,10 +16,10 @@ import pytest
 
 from pipelines import storage
 from pipelines.ingest.config import IngestConfig
+from pipelines.ingest.input_formats import _QuoteCheckedStream
 from pipelines.ingest.reader import (
     INPUT_CACHE_DIR,
     InputError,
-    _QuoteCheckedStream,
     list_input_files,
     plan_shards,
     read_shard,

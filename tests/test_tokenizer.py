@@ -1,5 +1,6 @@
-"""clip_core.tokenizer against OpenCLIP's tokenizer and ftfy: same ids on nasty and fuzzed text, exact ftfy
-shortcuts, padding/truncation, decode, and determinism across threads, batching and cache sizes."""
+"""clip_core.tokenizer and clip_core.text_cleaning against OpenCLIP's tokenizer and ftfy: same ids on nasty and
+fuzzed text, exact ftfy shortcuts, padding/truncation, decode, and determinism across threads, batching and
+cache sizes."""
 
 import pickle
 import random
@@ -16,8 +17,10 @@ import torch
 from ftfy.badness import MOJIBAKE_CATEGORIES
 from open_clip.tokenizer import SimpleTokenizer
 
+from clip_core import text_cleaning
 from clip_core import tokenizer as clip_tokenizer
-from clip_core.tokenizer import ClipTokenizer, sre_compile, sre_constants, sre_parse, tokenize
+from clip_core.text_cleaning import sre_compile, sre_constants, sre_parse
+from clip_core.tokenizer import ClipTokenizer, tokenize
 
 NASTY_TEXTS = [
     "a photo of a dog.",
@@ -222,19 +225,19 @@ def test_fuzzed_texts_match_open_clip(tokenizer, reference):
 def test_fix_text_equals_ftfy_on_fuzz():
     texts = fuzz_texts(3000, seed=99) + NASTY_TEXTS
     for text in texts:
-        assert clip_tokenizer.fix_text(text) == ftfy.fix_text(text), text
+        assert text_cleaning.fix_text(text) == ftfy.fix_text(text), text
 
 
 def test_shortcuts_are_active_for_the_pinned_ftfy():
     # if this fails after an ftfy upgrade, re-run the fuzz tests and add the version to FTFY_CHECKED_VERSIONS
-    assert ftfy.__version__ in clip_tokenizer.FTFY_CHECKED_VERSIONS
-    assert clip_tokenizer.FTFY_SHORTCUTS
-    assert clip_tokenizer.BADNESS_BRANCHES is not None
+    assert ftfy.__version__ in text_cleaning.FTFY_CHECKED_VERSIONS
+    assert text_cleaning.FTFY_SHORTCUTS
+    assert text_cleaning.BADNESS_BRANCHES is not None
 
 
 def test_each_ftfy_fixer_leaves_text_without_its_triggers_unchanged():
     every_char = [chr(c) for c in range(sys.maxunicode + 1)]
-    for fixer, triggers in clip_tokenizer.CHARACTER_FIXERS:
+    for fixer, triggers in text_cleaning.CHARACTER_FIXERS:
         others = "".join(ch for ch in every_char if ch not in triggers)
         assert fixer(others) == others, fixer.__name__
     assert ftfy.fixes.HTML_ENTITY_RE.pattern.startswith("&")
@@ -286,7 +289,7 @@ def test_is_mojibake_equals_ftfy_is_bad():
     for text in texts:
         expected = ftfy.badness.is_bad(text)
         bad += expected
-        assert clip_tokenizer.is_mojibake(text) == expected, text
+        assert text_cleaning.is_mojibake(text) == expected, text
     assert 1000 < bad < len(texts) - 1000  # the sample must exercise both answers
 
 
@@ -295,10 +298,10 @@ def test_plain_ascii_shortcut_agrees_with_ftfy():
     alphabet = [chr(c) for c in range(0x20, 0x7F) if chr(c) != "&"] + ["\t", "\n", "\r", "\x0c"]
     for _ in range(3000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
-        assert clip_tokenizer.is_plain_ascii(text)
-        assert clip_tokenizer.clean_text(text).split() == ftfy.fix_text(text).lower().split(), text
+        assert text_cleaning.is_plain_ascii(text)
+        assert text_cleaning.clean_text(text).split() == ftfy.fix_text(text).lower().split(), text
     for text in ["a &amp; b", "a\x0bb", "a\x1cb", "a\x7fb", "a\x00b", "é", "a\x1b[0mb"]:
-        assert not clip_tokenizer.is_plain_ascii(text)
+        assert not text_cleaning.is_plain_ascii(text)
 
 
 def test_lower_then_split_equals_collapse_then_lower():

@@ -1,7 +1,7 @@
-"""Ingest stage 2: fetch image bytes over HTTP(S), many requests in flight on one event loop per worker,
-with SSRF guards (checked addresses are the ones connected to), deadlines, size caps, a memory budget for
-bodies (ByteBudget), bounded redirects, retries of transient failures only, and X-Robots-Tag opt-outs.
-Every URL comes back as a DownloadResult.
+"""Ingest download, the first part of step 3 (stage): fetch image bytes over HTTP(S), many requests in flight
+on one event loop per worker, with SSRF guards (checked addresses are the ones connected to), deadlines, size
+caps, a memory budget for bodies (ByteBudget), bounded redirects, retries of transient failures only, and
+X-Robots-Tag opt-outs. Every URL comes back as a DownloadResult.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Ingest stage 4: drop pairs that would not help training. Rules on the original image size and the caption
-(LAION/DataComp-style minimum side, aspect ratio, caption length) and the optional CLIP-score filter, which
-scores each image against its caption with a clip_core checkpoint. A dropped row stays, with status "filtered".
+"""Ingest filters, the rules in step 3 (stage) and the CLIP score in step 4: drop pairs that would not help
+training. Rules on the original image size and the caption (LAION/DataComp-style minimum side, aspect ratio,
+caption length) and the optional CLIP-score filter, which scores each image against its caption with a
+clip_core checkpoint. A dropped row stays, with status "filtered".
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Ingest stage 3: decode downloaded bytes, make them upright 8-bit RGB, resize and re-encode them.
+"""Ingest decode + resize, in step 3 (stage): decode downloaded bytes, make them upright 8-bit RGB, resize and
+re-encode them.
 Resize modes and output sizes follow img2dataset's; JPEGs being shrunk are decoded at reduced size
 (libjpeg DCT scaling through Pillow's draft mode), which is where most of the speed comes from.
 Before any decoder sees the bytes, their format must be allowed and their headers must pass the checks in

@@ -1,5 +1,6 @@
-"""Ingest stage 6: write one shard's final rows as img2dataset-compatible files (WebDataset tar, Parquet,
-stats), with the stats file written last as the shard's commit mark, and a run manifest of committed shards.
+"""Ingest step 6, write: one shard's final rows as img2dataset-compatible files (WebDataset tar, Parquet,
+stats), with the stats file written last as the shard's commit mark; and, for step 7, the run manifest of
+committed shards.
 Everything goes through pipelines.storage, so a local path and an s3:// URI behave the same.
 """
 

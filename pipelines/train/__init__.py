@@ -1,1 +1,1 @@
-"""Distributed CLIP pretraining on Ray Train (issue 4): config, input pipeline, checkpoints, tracking, job."""
+"""Distributed CLIP pretraining on Ray Train: config, input pipeline, checkpoints, tracking, job."""

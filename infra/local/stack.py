@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -28,6 +27,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipelines.locks import file_lock
 
 HOST = "127.0.0.1"
 DATA_BUCKET = "clip-data"
@@ -269,18 +270,6 @@ def _write_env_file(state_dir: Path) -> Path:
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
     _write_private(path, "\n".join(lines) + "\n")
     return path
-
-
-@contextlib.contextmanager
-def _locked(state_dir: Path) -> Iterator[None]:
-    # Two starts at once (a test session and the demo) must not both spawn the same service.
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(_paths(state_dir)["lock"], "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -732,7 +721,8 @@ def start(
     config=None reuses the ports recorded in the state dir (or the defaults on a first start).
     """
     state_dir = Path(state_dir).absolute()
-    with _locked(state_dir):
+    # Two starts at once (a test session and the demo) must not both spawn the same service.
+    with file_lock(_paths(state_dir)["lock"]):
         recorded = load_config(state_dir)
         config = recorded if config is None else config
         if config != recorded and any(_leader_alive(_read_record(state_dir, s)) for s in SERVICES):
@@ -792,7 +782,7 @@ def status(state_dir: str | os.PathLike = DEFAULT_STATE_DIR) -> list[ServiceStat
 def stop(state_dir: str | os.PathLike = DEFAULT_STATE_DIR, services: list[str] | None = None) -> None:
     """Stop the services (all by default), newest first. Safe to run when nothing runs."""
     state_dir = Path(state_dir).absolute()
-    with _locked(state_dir):
+    with file_lock(_paths(state_dir)["lock"]):
         for service in reversed(SERVICES):
             if services is not None and service not in services:
                 continue
@@ -820,7 +810,10 @@ def leased(state_dir: str | os.PathLike = DEFAULT_STATE_DIR) -> Iterator[dict[st
     `python -m infra.local start` stays up."""
     state_dir = Path(state_dir).absolute()
     leases, started_file = state_dir / "leases", state_dir / "leases-started"
-    with _leases_locked(state_dir):
+    leases_lock = state_dir / "leases.lock"
+    # Not the stack's own lock: start() and stop() take that one themselves.
+    with file_lock(leases_lock):
+        leases.mkdir(exist_ok=True)
         started = start(state_dir)
         if started:
             before = set(started_file.read_text().split()) if started_file.exists() else set()
@@ -830,24 +823,12 @@ def leased(state_dir: str | os.PathLike = DEFAULT_STATE_DIR) -> Iterator[dict[st
     try:
         yield stack_env(state_dir)
     finally:
-        with _leases_locked(state_dir):
+        with file_lock(leases_lock):
             lease.unlink(missing_ok=True)
             others = [p for p in leases.iterdir() if p.name.isdigit() and _pid_alive(int(p.name))]
             if started_file.exists() and not others:
                 stop(state_dir, services=started_file.read_text().split())
                 started_file.unlink()
-
-
-@contextlib.contextmanager
-def _leases_locked(state_dir: Path) -> Iterator[None]:
-    # Not the stack's own lock: start() and stop() take that one themselves.
-    (state_dir / "leases").mkdir(parents=True, exist_ok=True)
-    with open(state_dir / "leases.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -1,4 +1,5 @@
-"""The local stack (S3 store, MLflow tracking server, Ray head) on loopback; see stack.py."""
+"""The local stack (S3 store, MLflow tracking server, Ray head) on loopback: stack.py starts, checks and stops
+it, services.py says what each service runs, processes.py supervises them, state.py lays out the state dir."""
 
 from infra.local.services import (
     BUCKETS,

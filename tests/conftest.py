@@ -15,14 +15,14 @@ import pytest
 # loopback-only stack needs it before any test module imports ray. Local ray.init() clusters are unaffected.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from infra.local import stack  # noqa: E402
+from infra import local  # noqa: E402
 from pipelines import storage  # noqa: E402
 
 
 @dataclass(frozen=True)
 class LocalStack:
     state_dir: Path
-    config: stack.StackConfig
+    config: local.StackConfig
     env: dict[str, str]
 
     @property
@@ -34,9 +34,9 @@ class LocalStack:
 def local_stack() -> Iterator[LocalStack]:
     """The shared stack. Several test sessions (several engineers, one machine) may use it at once: each
     holds a lease, and services that tests started are stopped when the last lease goes."""
-    state_dir = stack.DEFAULT_STATE_DIR
-    with stack.leased(state_dir) as env:
-        yield LocalStack(state_dir, stack.load_config(state_dir), env)
+    state_dir = local.DEFAULT_STATE_DIR
+    with local.leased(state_dir) as env:
+        yield LocalStack(state_dir, local.load_config(state_dir), env)
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +52,7 @@ def auth_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]
                        "--mlflow-auth")  # fmt: skip
         if started.returncode != 0:
             pytest.fail(f"the stack with authentication did not start:\n{started.stdout}{started.stderr}")
-        yield LocalStack(state_dir, stack.load_config(state_dir), stack.stack_env(state_dir))
+        yield LocalStack(state_dir, local.load_config(state_dir), local.stack_env(state_dir))
     finally:
         _cli("stop", "--state-dir", str(state_dir))
 
@@ -71,7 +71,7 @@ def local_stack_env(local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch) ->
 @pytest.fixture
 def s3_prefix(local_stack: LocalStack) -> Iterator[str]:
     """A fresh, empty prefix in the data bucket, deleted afterwards."""
-    prefix = f"s3://{stack.DATA_BUCKET}/tests/{uuid.uuid4().hex}"
+    prefix = f"s3://{local.DATA_BUCKET}/tests/{uuid.uuid4().hex}"
     yield prefix
     storage.delete(prefix, recursive=True, settings=local_stack.s3_settings)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.local import stack
+from infra.local import processes, services, stack, state
 from pipelines import storage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,11 +44,11 @@ def _free_ports(count: int, with_grpc_twin: bool = False) -> list[int]:
     return chosen
 
 
-def _config_on_free_ports(**settings) -> stack.StackConfig:
+def _config_on_free_ports(**settings) -> services.StackConfig:
     """A stack config whose every port is free now and differs from the shared stack's."""
     s3, master, volume, filer, admin = _free_ports(5, with_grpc_twin=True)
     mlflow_port, ray_port, dashboard, client, agent = _free_ports(5)
-    return stack.StackConfig(
+    return services.StackConfig(
         s3_port=s3,
         seaweed_master_port=master,
         seaweed_volume_port=volume,
@@ -63,12 +63,12 @@ def _config_on_free_ports(**settings) -> stack.StackConfig:
     )
 
 
-def _start_flags(config: stack.StackConfig) -> list[str]:
+def _start_flags(config: services.StackConfig) -> list[str]:
     """`start` flags for the ports and sizes of a config (authentication has flags of its own)."""
     return [
         f"--{name.replace('_', '-')}={value}"
         for name, value in vars(config).items()
-        if value is not None and name not in stack.AUTH_SETTINGS
+        if value is not None and name not in services.AUTH_SETTINGS
     ]
 
 
@@ -112,7 +112,7 @@ def test_fresh_stack_starts_from_nothing_restarts_as_noop_and_stops_without_orph
         report = _cli("status", "--state-dir", str(state_dir))
         assert report.returncode == 0, report.stdout
         lines = report.stdout.splitlines()
-        assert [line.split()[:2] for line in lines] == [[s, "healthy"] for s in stack.SERVICES]
+        assert [line.split()[:2] for line in lines] == [[s.name, "healthy"] for s in services.SERVICES]
         assert (
             f"http://127.0.0.1:{s3}" in report.stdout and f"http://127.0.0.1:{mlflow_port}" in report.stdout
         )
@@ -128,21 +128,21 @@ def test_fresh_stack_starts_from_nothing_restarts_as_noop_and_stops_without_orph
         assert exported == stack.stack_env(state_dir)
 
         runtime_dir = Path((state_dir / "runtime_dir").read_text().strip())
-        assert runtime_dir != state_dir and len(str(runtime_dir / "ray")) <= stack.MAX_SHORT_DIR_LEN
+        assert runtime_dir != state_dir and len(str(runtime_dir / "ray")) <= state.MAX_SHORT_DIR_LEN
         assert any(runtime_dir.glob("ray/session_*/sockets/raylet"))
 
         records = [json.loads(p.read_text()) for p in sorted((state_dir / "run").glob("*.json"))]
         assert len(records) == 3
-        processes = [pid for r in records for pid in stack._session_processes(r, stack._process_table())]
-        assert len(processes) > 3  # Ray and MLflow each run several
+        pids = [pid for r in records for pid in processes.session_processes(r, processes.process_table())]
+        assert len(pids) > 3  # Ray and MLflow each run several
     finally:
         stopped = _cli("stop", "--state-dir", str(state_dir))
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
 
-    table = stack._process_table()
-    assert [pid for pid in processes if pid in table and not table[pid].zombie] == []
+    table = processes.process_table()
+    assert [pid for pid in pids if pid in table and not table[pid].zombie] == []
     assert [
-        p for p in config.service_ports("seaweedfs") + [mlflow_port, ray_port, dashboard] if _listening(p)
+        p for p in services.SEAWEEDFS.ports(config) + [mlflow_port, ray_port, dashboard] if _listening(p)
     ] == []
     assert not runtime_dir.exists()
     down = _cli("status", "--state-dir", str(state_dir))
@@ -153,7 +153,7 @@ def test_fresh_stack_starts_from_nothing_restarts_as_noop_and_stops_without_orph
 
 def test_status_reports_every_service_of_the_shared_stack_healthy(local_stack):
     report = stack.status(local_stack.state_dir)
-    assert [(s.name, s.healthy) for s in report] == [(name, True) for name in stack.SERVICES], report
+    assert [(s.name, s.healthy) for s in report] == [(s.name, True) for s in services.SERVICES], report
 
 
 def test_s3_objects_written_by_one_client_library_are_read_by_the_others(local_stack, s3_prefix):
@@ -206,7 +206,9 @@ def test_mlflow_run_is_logged_and_its_artifact_proxied_into_the_bucket(local_sta
 
         in_bucket = [
             e
-            for e in storage.list_files(stack.MLFLOW_ARTIFACTS_DESTINATION, settings=local_stack.s3_settings)
+            for e in storage.list_files(
+                services.MLFLOW_ARTIFACTS_DESTINATION, settings=local_stack.s3_settings
+            )
             if run_id in e.uri
         ]
         assert [e.uri.rsplit(f"{run_id}/", 1)[1] for e in in_bucket] == ["artifacts/eval/note.txt"]
@@ -278,25 +280,27 @@ def test_start_fails_clearly_when_a_foreign_program_holds_the_s3_port(tmp_path):
         squatter.bind(("127.0.0.1", _free_ports(1, with_grpc_twin=True)[0]))
         squatter.listen()
         port = squatter.getsockname()[1]
-        with pytest.raises(stack.StackError, match=rf"seaweedfs: port\(s\) \[{port}\b.*\] are in use"):
-            stack.start(tmp_path / "stack", stack.StackConfig(s3_port=port))
+        with pytest.raises(state.StackError, match=rf"seaweedfs: port\(s\) \[{port}\b.*\] are in use"):
+            stack.start(tmp_path / "stack", services.StackConfig(s3_port=port))
     assert not (tmp_path / "stack" / "run" / "seaweedfs.json").exists()
 
 
-def test_a_seaweedfs_port_without_room_for_its_grpc_twin_is_refused_before_starting():
-    with pytest.raises(stack.StackError, match=r"seaweedfs: port\(s\) \[69333\] are outside 1-65535"):
-        stack.StackConfig(s3_port=59333)
-
-
-@pytest.mark.parametrize(("service", "field"), [("mlflow", "mlflow_port"), ("ray", "ray_dashboard_port")])
+@pytest.mark.parametrize(
+    ("service", "field"),
+    [(services.MLFLOW, "mlflow_port"), (services.RAY, "ray_dashboard_port")],
+    ids=["mlflow", "ray"],
+)
 def test_a_service_refuses_to_start_on_a_port_held_by_another_program(tmp_path, service, field):
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", _free_ports(1)[0]))
         squatter.listen()
         port = squatter.getsockname()[1]
-        with pytest.raises(stack.StackError, match=rf"{service}: port\(s\) \[.*\b{port}\b.*\] are in use"):
-            stack._start_service(tmp_path / "stack", service, stack.StackConfig(**{field: port}), timeout_s=5)
-    assert not (tmp_path / "stack" / "run" / f"{service}.json").exists()
+        config = services.StackConfig(**{field: port})
+        with pytest.raises(
+            state.StackError, match=rf"{service.name}: port\(s\) \[.*\b{port}\b.*\] are in use"
+        ):
+            stack._start_service(tmp_path / "stack", service, config, timeout_s=5)
+    assert not (tmp_path / "stack" / "run" / f"{service.name}.json").exists()
 
 
 def test_a_failed_start_stops_the_services_it_had_already_started(tmp_path):
@@ -305,7 +309,7 @@ def test_a_failed_start_stops_the_services_it_had_already_started(tmp_path):
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", config.mlflow_port))
         squatter.listen()
-        with pytest.raises(stack.StackError, match="mlflow: port"):
+        with pytest.raises(state.StackError, match="mlflow: port"):
             stack.start(tmp_path / "stack", config)
     # SeaweedFS came up first; the failed start took it down again.
     assert not _listening(s3)
@@ -373,9 +377,9 @@ def test_auth_stack_keeps_its_secrets_in_private_files_and_off_every_command_lin
         text = path.read_text(errors="replace")
         assert token not in text and password not in text, path
     records = [json.loads(p.read_text()) for p in (state_dir / "run").glob("*.json")]
-    processes = [pid for r in records for pid in stack._session_processes(r, stack._process_table())]
-    assert len(processes) > 3
-    for pid in processes:
+    pids = [pid for r in records for pid in processes.session_processes(r, processes.process_table())]
+    assert len(pids) > 3
+    for pid in pids:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
             assert token not in cmdline and password not in cmdline, pid
@@ -384,11 +388,11 @@ def test_auth_stack_keeps_its_secrets_in_private_files_and_off_every_command_lin
 def test_ray_dashboard_job_api_and_gcs_refuse_clients_without_the_token(auth_stack, tmp_path):
     dashboard = auth_stack.config.ray_dashboard_url
     token = Path(auth_stack.env["RAY_AUTH_TOKEN_PATH"]).read_text()
-    assert stack._http_get(f"{dashboard}/api/jobs/")[0] == 401
+    assert services.http_get(f"{dashboard}/api/jobs/")[0] == 401
     assert (
-        stack._http_get(f"{dashboard}/api/jobs/", headers={"Authorization": f"Bearer {'0' * 64}"})[0] == 403
+        services.http_get(f"{dashboard}/api/jobs/", headers={"Authorization": f"Bearer {'0' * 64}"})[0] == 403
     )
-    assert stack._http_get(f"{dashboard}/api/jobs/", headers={"Authorization": f"Bearer {token}"})[0] == 200
+    assert services.http_get(f"{dashboard}/api/jobs/", headers={"Authorization": f"Bearer {token}"})[0] == 200
 
     # `ray job submit` as a stranger: Ray's defaults (no mode set, no token file), then a wrong token.
     marker = f"clip-job-{uuid.uuid4().hex[:8]}"
@@ -419,11 +423,11 @@ def test_mlflow_refuses_requests_without_valid_credentials(auth_stack, monkeypat
 
     uri, password = auth_stack.config.mlflow_uri, auth_stack.env["MLFLOW_TRACKING_PASSWORD"]
     search = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
-    assert stack._http_get(f"{uri}/health")[0] == 200  # health checks stay public
-    assert stack._http_get(search)[0] == 401
-    assert stack._http_get(search, headers=_basic("admin", password + "x"))[0] == 401
-    assert stack._http_get(search, headers=_basic("nobody", password))[0] == 401
-    assert stack._http_get(search, headers=_basic("admin", password))[0] == 200
+    assert services.http_get(f"{uri}/health")[0] == 200  # health checks stay public
+    assert services.http_get(search)[0] == 401
+    assert services.http_get(search, headers=_basic("admin", password + "x"))[0] == 401
+    assert services.http_get(search, headers=_basic("nobody", password))[0] == 401
+    assert services.http_get(search, headers=_basic("admin", password))[0] == 200
 
     # The Python client authenticates from the two variables that the env file exports, and only so.
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):

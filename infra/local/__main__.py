@@ -6,17 +6,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from infra.local.stack import (
-    AUTH_SETTINGS,
-    DEFAULT_STATE_DIR,
-    RAY_AUTH_MODES,
-    StackConfig,
-    StackError,
-    load_config,
-    start,
-    status,
-    stop,
-)
+from infra.local.services import AUTH_SETTINGS, RAY_AUTH_MODES, StackConfig
+from infra.local.stack import load_config, start, status, stop
+from infra.local.state import DEFAULT_STATE_DIR, StackError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,19 +9,17 @@ operations run under an flock on a sidecar lock file: atomic between processes o
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pipelines import storage
+from pipelines.locks import file_lock
 
 Record = dict[str, Any]
 
@@ -51,7 +49,7 @@ def read(uri: str) -> tuple[Record, str] | None:
         except client.exceptions.NoSuchKey:
             return None
         return json.loads(response["Body"].read()), response["ETag"]
-    with _local_lock(uri):
+    with file_lock(f"{uri}.lock"):
         return _local_read(Path(uri))
 
 
@@ -59,7 +57,7 @@ def create(uri: str, record: Record) -> str | None:
     """Write the record only if there is none yet: exactly one of any number of racing callers wins."""
     if storage.is_s3(uri):
         return _s3_put(uri, record, IfNoneMatch="*")
-    with _local_lock(uri):
+    with file_lock(f"{uri}.lock"):
         if _local_read(Path(uri)) is not None:
             return None
         return _local_write(Path(uri), record)
@@ -69,7 +67,7 @@ def replace(uri: str, record: Record, version: str) -> str | None:
     """Write the record only if the stored one is still at `version`."""
     if storage.is_s3(uri):
         return _s3_put(uri, record, IfMatch=version)
-    with _local_lock(uri):
+    with file_lock(f"{uri}.lock"):
         current = _local_read(Path(uri))
         if current is None or current[1] != version:
             return None
@@ -93,18 +91,6 @@ def _s3_put(uri: str, record: Record, **condition: str) -> str | None:
         if _lost_race(e):
             return None
         raise
-
-
-@contextlib.contextmanager
-def _local_lock(uri: str) -> Iterator[None]:
-    path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _local_read(path: Path) -> tuple[Record, str] | None:

@@ -20,6 +20,9 @@ import pytest
 from infra.local import processes, services, stack, state
 from pipelines import storage
 
+# Every test here runs the stack's services: the shared stack, or stacks of its own on free ports.
+pytestmark = pytest.mark.stack
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -1,51 +1,23 @@
 """Training input pipeline: streams ingest shards (WebDataset tars) from S3 or local paths into shuffled,
 decoded, augmented and tokenized batches for one DDP rank, with a data position that a restarted run resumes.
 
-How the data is split and ordered
-- Each rank runs `max(1, num_workers)` streams (one per DataLoader worker process); stream `w` of rank `r` is
-  global stream `r * num_workers + w`. For epoch `e` the shards are permuted with (seed, e) and dealt to the
-  streams round-robin (`parts[g::streams]`), so every sample belongs to exactly one stream in each epoch.
-  With fewer shards than streams, each shard is split into interleaved parts (sample i goes to part
-  i % parts) so no stream is idle.
-- A stream reads its shards one after another, straight from `storage.open_read` through tarfile's streaming
-  mode: nothing is staged on local disk. Raw (still encoded) samples pass through a seeded shuffle buffer,
-  then are decoded, randomly cropped (`clip_core.image_transform(size, is_train=True)`) and tokenized in
-  the worker process, off the training loop's critical path.
-- Unequal shards: each stream runs on from one epoch into the next without pause, so it never runs dry and
-  every rank yields batches forever; the trainer decides how many steps to take and all ranks take the same
-  number. The price is that, near an epoch boundary, a stream with fewer samples already serves epoch e+1
-  while another still serves epoch e. Within one stream's epoch every sample is seen exactly once, and the
-  streams' epochs together hold each sample exactly once. Epochs are counted in samples:
-  `loader.epoch = samples_seen / num_samples`.
-- Corrupt samples (undecodable image, missing image or caption, samples lost in a truncated or unreadable
-  shard) are skipped and counted in `loader.corrupt_samples`. A stream that meets as many failures in a row
-  as the whole data holds stops the run with NoUsableSamplesError.
-
-Resume
-The yielded stream is a pure function of (shards, seed, rank, world_size, num_workers, batch size): each
-stream shuffles each of its epochs with its own seeded buffer (drained at the epoch's end) and seeds the crop
-RNG per batch. `position()` records, per stream, its epoch and how many shuffled raw samples of that epoch it
-has consumed; a restarted loader replays each stream from the start of that epoch and skips those samples
-without decoding them (it reads their bytes: at most one stream-epoch, i.e. data size / streams), then
-continues exactly where the old one stopped, and rotates its DataLoader workers so that the round-robin order
-of batches continues too. Positions are per rank: the trainer saves `gather_positions(loader)`, called on
-every rank. If the world size, the worker count, the batch size or the data changed, or this rank's entry is
-missing, the loader restarts the epoch in progress from its first shard under the new split (logged as a
-warning): samples already seen in that epoch are then seen again.
-
-Why DataLoader worker processes and not Ray Data, by measurement (benchmarks/train_input_pipeline.py on the
-2-core CPU machine, shared with other jobs; 4096 scene JPEGs of 96 px in 8 shards, batch 64, 64 px crops):
-- CPU per sample: this loader 1.12-1.16 ms; Ray Data (read_webdataset + map_batches doing the same decode,
-  crop and tokenization + iter_torch_batches, 2 CPUs) 1.47 ms, its scheduler and object store included.
-  (Ray Data's wall-clock rate, 319 vs 186-198 samples/s, was higher only because on an oversubscribed
-  machine its several processes were given more of the CPU.)
-- First batch: 0.5-2.9 s here, 20-55 s with Ray Data, which also restarts its execution every epoch.
-- Resume, the deciding point: Ray Data has no mid-epoch position; its block order and local shuffle are
-  not reproducible from a checkpoint, so a restarted run would repeat or skip samples.
-- Critical path: fed by this loader (1 worker), ViT-Tiny-16's training thread spent the same CPU per step as
-  with synthetic in-memory batches (304 vs 306 ms) and waited for data 1.5 % of the time.
-Ray Data would win where decoding must move off the GPU nodes to CPU-only nodes; GPU nodes with spare cores
-need no such thing, and worker processes keep the stream resumable.
+Why it is built this way
+- One stream per DataLoader worker process, and each epoch deals every sample to exactly one stream of one
+  rank (`epoch_parts`): ranks need no coordination to see each sample once per epoch.
+- Shards are read straight from storage as forward-only tar streams, so nothing is staged on local disk;
+  decoding, cropping and tokenization run in the worker processes, off the training loop's critical path.
+- Streams run on from one epoch into the next without pause, so unequal shards never leave a rank without
+  batches: the trainer decides how many steps to take and every rank takes the same number. Epochs are
+  therefore counted in samples: `loader.epoch = samples_seen / num_samples`.
+- Corrupt samples are data, not exceptions: they are skipped and counted in `loader.corrupt_samples`; only
+  a stream that meets as many failures in a row as the data holds stops the run (NoUsableSamplesError).
+- A rank's batches are a pure function of its LoaderSpec, so a checkpoint needs only each stream's place in
+  its epoch to resume exactly (`TrainLoader.position`).
+- DataLoader workers and not Ray Data: Ray Data has no mid-epoch position (its block order and local shuffle
+  are not reproducible from a checkpoint, so a restarted run would repeat or skip samples), restarts its
+  execution every epoch, and took more CPU per sample and far longer to the first batch (BENCHMARKS.md,
+  "Input pipeline"). It would win where decoding must move off the GPU nodes to CPU-only nodes; GPU nodes
+  with spare cores need no such thing.
 """
 
 from __future__ import annotations
@@ -208,7 +180,9 @@ class StreamCounters:
 
 
 def epoch_parts(shards: list[Shard], num_streams: int, seed: int, epoch: int) -> list[list[ShardPart]]:
-    """The shard parts each of the num_streams global streams reads in one epoch."""
+    """The shard parts each of the num_streams global streams reads in one epoch: the shards permuted with
+    (seed, epoch) and dealt round-robin. With fewer shards than streams each shard is split into interleaved
+    parts (sample i goes to part i % parts), so no stream is idle."""
     parts = math.ceil(num_streams / len(shards))
     units = [ShardPart(shard, part, parts) for shard in shards for part in range(parts)]
     order = np.random.default_rng([seed, epoch]).permutation(len(units))
@@ -270,7 +244,9 @@ def stream_raw_samples(
     """One global stream's raw samples, shuffled within each epoch, epoch after epoch, forever.
 
     The buffer is drained at each epoch's end, so an epoch's order depends on nothing before it: a resumed
-    stream replays from the start of its current epoch only.
+    stream replays from the start of its current epoch only. Near an epoch boundary a stream with fewer
+    samples already serves epoch e+1 while another still serves epoch e; within one stream's epoch every
+    sample comes exactly once.
     """
     num_samples = sum(s.num_samples for s in shards)
     for epoch in itertools.count(start_epoch):
@@ -498,7 +474,9 @@ class TrainLoader:
         }
 
     def position(self) -> dict[str, Any]:
-        """The JSON-serialisable data position after the batches yielded so far, for this rank."""
+        """The JSON-serialisable data position after the batches yielded so far, for this rank: per stream,
+        its epoch and how many shuffled raw samples of that epoch it has consumed. The trainer saves
+        `gather_positions(loader)`, which holds every rank's."""
         return {
             "format": POSITION_FORMAT,
             **self._layout(),
@@ -508,6 +486,9 @@ class TrainLoader:
         }
 
     def _restore(self, position: dict) -> None:
+        """Continue exactly where `position` stopped: each stream replays its epoch from the start and skips
+        the consumed samples without decoding them (reading at most one stream-epoch of bytes). If the
+        layout changed or this rank has no entry, restart the epoch in progress under the new split."""
         if position.get("format") != POSITION_FORMAT:
             raise ValueError(f"data position has format {position.get('format')}, expected {POSITION_FORMAT}")
         self.samples_seen = int(position["samples_seen"])

@@ -46,6 +46,7 @@ import clip_core
 from pipelines import storage
 from pipelines.ingest import writer
 from pipelines.shards import IMAGE_EXTS, tar_samples
+from pipelines.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -288,17 +289,47 @@ def shuffled(samples: Iterator[RawSample], buffer_size: int, rng: random.Random)
 
 @dataclass(frozen=True)
 class LoaderSpec:
-    """Everything that fixes the stream of one rank: the same spec gives the same batches."""
+    """Everything that fixes the batches of one rank: the same spec gives the same batches. It is pickled
+    into every DataLoader worker process.
+
+    num_workers: DataLoader worker processes, one stream each; 0 runs one stream in the training process.
+    """
 
     shards: tuple[Shard, ...]
     rank: int
     world_size: int
-    streams_per_rank: int
     local_batch_size: int
     image_size: int
+    num_workers: int
     shuffle_buffer: int
     seed: int
-    settings: storage.S3Settings | None
+    settings: storage.S3Settings | None = None
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ValueError("the loader needs at least one shard")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        if self.local_batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0:
+            raise ValueError("local_batch_size must be >= 1, num_workers and shuffle_buffer >= 0")
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, shards: list[Shard], rank: int, world_size: int) -> LoaderSpec:
+        """The spec of training worker `rank`'s loader under cfg."""
+        return cls(
+            shards=tuple(shards),
+            rank=rank,
+            world_size=world_size,
+            local_batch_size=cfg.local_batch_size,
+            image_size=clip_core.get_model_config(cfg.model)["vision_cfg"]["image_size"],
+            num_workers=cfg.loader_workers,
+            shuffle_buffer=cfg.shuffle_buffer,
+            seed=cfg.seed,
+        )
+
+    @property
+    def streams_per_rank(self) -> int:
+        return max(1, self.num_workers)
 
     @property
     def num_streams(self) -> int:
@@ -415,44 +446,25 @@ def _worker_init(worker_id: int) -> None:
 
 
 class TrainLoader:
-    """Batches (images float[B,3,H,W], texts long[B,77]) for one rank, forever; see the module docstring.
+    """Batches (images float[B,3,H,W], texts long[B,77]) for the rank of `spec`, forever.
 
     position: a dict from `position()` (or `gather_positions`) of an earlier run, to continue from there.
+    pin_memory, prefetch_factor: how the DataLoader hands batches over; they do not change the batches.
     with_keys: also yield each batch's [(epoch, sample key)] (for tests and debugging).
     """
 
     def __init__(
         self,
-        shards: list[Shard],
-        *,
-        rank: int,
-        world_size: int,
-        local_batch_size: int,
-        image_size: int,
-        num_workers: int,
-        shuffle_buffer: int,
-        seed: int,
+        spec: LoaderSpec,
         position: dict | None = None,
-        settings: storage.S3Settings | None = None,
-        prefetch_factor: int = 4,
+        *,
         pin_memory: bool = False,
+        prefetch_factor: int = 4,
         with_keys: bool = False,
     ):
-        if not shards:
-            raise ValueError("TrainLoader needs at least one shard")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
-        if local_batch_size < 1 or num_workers < 0 or shuffle_buffer < 0:
-            raise ValueError("local_batch_size must be >= 1, num_workers and shuffle_buffer >= 0")
-        self.shards = list(shards)
-        self.rank, self.world_size = rank, world_size
-        self.local_batch_size, self.image_size = local_batch_size, image_size
-        self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
-        self.settings, self.prefetch_factor, self.pin_memory = settings, prefetch_factor, pin_memory
-        self.with_keys = with_keys
-        self.num_samples = sum(s.num_samples for s in self.shards)
-        self.streams_per_rank = max(1, num_workers)
-        self.positions = [StreamPosition() for _ in range(self.streams_per_rank)]
+        self.spec = spec
+        self.pin_memory, self.prefetch_factor, self.with_keys = pin_memory, prefetch_factor, with_keys
+        self.positions = [StreamPosition() for _ in range(spec.streams_per_rank)]
         self.batches = 0  # since the streams started
         self.samples_seen = 0  # all ranks together, since the run began
         self.wait_seconds = 0.0
@@ -463,14 +475,15 @@ class TrainLoader:
     # -- position --------------------------------------------------------------------------------------
 
     def _layout(self) -> dict[str, Any]:
+        spec = self.spec
         return {
-            "world_size": self.world_size,
-            "num_workers": self.num_workers,
-            "local_batch_size": self.local_batch_size,
-            "seed": self.seed,
-            "shuffle_buffer": self.shuffle_buffer,
-            "num_samples": self.num_samples,
-            "num_shards": len(self.shards),
+            "world_size": spec.world_size,
+            "num_workers": spec.num_workers,
+            "local_batch_size": spec.local_batch_size,
+            "seed": spec.seed,
+            "shuffle_buffer": spec.shuffle_buffer,
+            "num_samples": spec.num_samples,
+            "num_shards": len(spec.shards),
         }
 
     def position(self) -> dict[str, Any]:
@@ -482,7 +495,7 @@ class TrainLoader:
             **self._layout(),
             "batches": self.batches,
             "samples_seen": self.samples_seen,
-            "ranks": {str(self.rank): [asdict(p) for p in self.positions]},
+            "ranks": {str(self.spec.rank): [asdict(p) for p in self.positions]},
         }
 
     def _restore(self, position: dict) -> None:
@@ -492,16 +505,16 @@ class TrainLoader:
         if position.get("format") != POSITION_FORMAT:
             raise ValueError(f"data position has format {position.get('format')}, expected {POSITION_FORMAT}")
         self.samples_seen = int(position["samples_seen"])
-        saved = position.get("ranks", {}).get(str(self.rank))
+        saved = position.get("ranks", {}).get(str(self.spec.rank))
         changed = [k for k, v in self._layout().items() if position.get(k) != v]
         if not changed and saved is not None:
             self.batches = int(position["batches"])
             self.positions = [StreamPosition(**p) for p in saved]
             return
         # Raw positions mean nothing under another split: start the epoch in progress over.
-        epoch = self.samples_seen // self.num_samples
-        self.positions = [StreamPosition(epoch=epoch) for _ in range(self.streams_per_rank)]
-        why = f"{', '.join(changed)} changed" if changed else f"it holds no entry for rank {self.rank}"
+        epoch = self.samples_seen // self.spec.num_samples
+        self.positions = [StreamPosition(epoch=epoch) for _ in range(self.spec.streams_per_rank)]
+        why = f"{', '.join(changed)} changed" if changed else f"it holds no entry for rank {self.spec.rank}"
         log.warning(
             "data position not resumable exactly (%s): restarting epoch %d from its first shard, so samples "
             "already seen in this epoch are seen again",
@@ -516,30 +529,20 @@ class TrainLoader:
 
     @property
     def epoch(self) -> float:
-        return self.samples_seen / self.num_samples
+        return self.samples_seen / self.spec.num_samples
 
     # -- iteration -------------------------------------------------------------------------------------
 
     def _start(self) -> Iterator:
-        spec = LoaderSpec(
-            tuple(self.shards),
-            self.rank,
-            self.world_size,
-            self.streams_per_rank,
-            self.local_batch_size,
-            self.image_size,
-            self.shuffle_buffer,
-            self.seed,
-            self.settings,
-        )
+        spec = self.spec
         # Rotating the workers makes the resumed round-robin continue with the stream whose turn it was.
-        dataset = RankStreams(spec, self.positions, rotation=self.batches % self.streams_per_rank)
-        if self.num_workers == 0:
+        dataset = RankStreams(spec, self.positions, rotation=self.batches % spec.streams_per_rank)
+        if spec.num_workers == 0:
             return iter(dataset)
         loader = DataLoader(
             dataset,
             batch_size=None,  # workers make whole batches: one pickle per batch, not per sample
-            num_workers=self.num_workers,
+            num_workers=spec.num_workers,
             prefetch_factor=self.prefetch_factor,
             pin_memory=self.pin_memory,
             worker_init_fn=_worker_init,
@@ -559,14 +562,14 @@ class TrainLoader:
         except NoUsableSamplesError:
             self.close()
             raise NoUsableSamplesError(
-                f"no usable training sample: a loader stream met {self.num_samples} failures in a row (as "
+                f"no usable training sample: a loader stream met {self.spec.num_samples} failures in a row (as "
                 "many as the data holds), so every image is undecodable or every shard unreadable; check "
                 "that --data points at ingest output with images and captions, and the S3 credentials"
             ) from None
         self.wait_seconds += time.perf_counter() - started
         self.positions[state["stream"]] = StreamPosition(**state["position"])
         self.batches += 1
-        self.samples_seen += self.local_batch_size * self.world_size
+        self.samples_seen += self.spec.local_batch_size * self.spec.world_size
         if not self.with_keys:
             return images, texts
         # The DataLoader's conversion turns tuples into lists on their way out of the worker.

@@ -148,7 +148,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipelines.train.data import Shard, TrainLoader, gather_positions
+    from pipelines.train.data import LoaderSpec, Shard, TrainLoader, gather_positions
 
     cfg = TrainConfig.model_validate(config["cfg"])
     context = ray.train.get_context()
@@ -195,19 +195,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     shards = [Shard(uri, count) for uri, count in config["shards"]]
     epoch_samples = sum(count for _, count in config["shards"])
-    image_size = clip_core.get_model_config(cfg.model)["vision_cfg"]["image_size"]
-    loader = TrainLoader(
-        shards,
-        rank=rank,
-        world_size=world_size,
-        local_batch_size=cfg.local_batch_size,
-        image_size=image_size,
-        num_workers=cfg.loader_workers,
-        shuffle_buffer=cfg.shuffle_buffer,
-        seed=cfg.seed,
-        position=position,
-        pin_memory=device.type == "cuda",
-    )
+    loader_spec = LoaderSpec.from_config(cfg, shards, rank, world_size)
+    loader = TrainLoader(loader_spec, position, pin_memory=device.type == "cuda")
     batches = iter(loader)
 
     if rank == 0:

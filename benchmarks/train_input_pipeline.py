@@ -106,10 +106,11 @@ def train_rate(model, loss_fn, optimizer, next_batch, steps: int, batch_size: in
 
 def shard_loader(shards, args, image_size: int, workers: int) -> data.TrainLoader:
     """One rank's loader over every shard, as a 1-worker training run has it."""
-    return data.TrainLoader(
-        shards, rank=0, world_size=1, local_batch_size=args.batch_size, image_size=image_size,
+    spec = data.LoaderSpec(
+        shards=tuple(shards), rank=0, world_size=1, local_batch_size=args.batch_size, image_size=image_size,
         num_workers=workers, shuffle_buffer=args.shuffle_buffer, seed=0,
     )  # fmt: skip
+    return data.TrainLoader(spec)
 
 
 def loader_rate(shards, args, image_size: int, workers: int) -> dict:

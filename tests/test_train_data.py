@@ -86,8 +86,8 @@ def good_keys() -> set[str]:
 CORRUPT_PER_EPOCH = NUM_SHARDS * SAMPLES_PER_SHARD - len(good_keys())
 
 
-def loader(shards, **overrides) -> data.TrainLoader:
-    options = dict(
+def loader(shards, position=None, **spec_fields) -> data.TrainLoader:
+    defaults = dict(
         rank=0,
         world_size=1,
         local_batch_size=4,
@@ -95,9 +95,9 @@ def loader(shards, **overrides) -> data.TrainLoader:
         num_workers=0,
         shuffle_buffer=8,
         seed=0,
-        with_keys=True,
     )
-    return data.TrainLoader(shards, **(options | overrides))
+    spec = data.LoaderSpec(shards=tuple(shards), **(defaults | spec_fields))
+    return data.TrainLoader(spec, position, with_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,51 +1,23 @@
 """Training input pipeline: streams ingest shards (WebDataset tars) from S3 or local paths into shuffled,
 decoded, augmented and tokenized batches for one DDP rank, with a data position that a restarted run resumes.
 
-How the data is split and ordered
-- Each rank runs `max(1, num_workers)` streams (one per DataLoader worker process); stream `w` of rank `r` is
-  global stream `r * num_workers + w`. For epoch `e` the shards are permuted with (seed, e) and dealt to the
-  streams round-robin (`parts[g::streams]`), so every sample belongs to exactly one stream in each epoch.
-  With fewer shards than streams, each shard is split into interleaved parts (sample i goes to part
-  i % parts) so no stream is idle.
-- A stream reads its shards one after another, straight from `storage.open_read` through tarfile's streaming
-  mode: nothing is staged on local disk. Raw (still encoded) samples pass through a seeded shuffle buffer,
-  then are decoded, randomly cropped (`clip_core.image_transform(size, is_train=True)`) and tokenized in
-  the worker process, off the training loop's critical path.
-- Unequal shards: each stream runs on from one epoch into the next without pause, so it never runs dry and
-  every rank yields batches forever; the trainer decides how many steps to take and all ranks take the same
-  number. The price is that, near an epoch boundary, a stream with fewer samples already serves epoch e+1
-  while another still serves epoch e. Within one stream's epoch every sample is seen exactly once, and the
-  streams' epochs together hold each sample exactly once. Epochs are counted in samples:
-  `loader.epoch = samples_seen / num_samples`.
-- Corrupt samples (undecodable image, missing image or caption, samples lost in a truncated or unreadable
-  shard) are skipped and counted in `loader.corrupt_samples`. A stream that meets as many failures in a row
-  as the whole data holds stops the run with NoUsableSamplesError.
-
-Resume
-The yielded stream is a pure function of (shards, seed, rank, world_size, num_workers, batch size): each
-stream shuffles each of its epochs with its own seeded buffer (drained at the epoch's end) and seeds the crop
-RNG per batch. `position()` records, per stream, its epoch and how many shuffled raw samples of that epoch it
-has consumed; a restarted loader replays each stream from the start of that epoch and skips those samples
-without decoding them (it reads their bytes: at most one stream-epoch, i.e. data size / streams), then
-continues exactly where the old one stopped, and rotates its DataLoader workers so that the round-robin order
-of batches continues too. Positions are per rank: the trainer saves `gather_positions(loader)`, called on
-every rank. If the world size, the worker count, the batch size or the data changed, or this rank's entry is
-missing, the loader restarts the epoch in progress from its first shard under the new split (logged as a
-warning): samples already seen in that epoch are then seen again.
-
-Why DataLoader worker processes and not Ray Data, by measurement (benchmarks/train_input_pipeline.py on the
-2-core CPU machine, shared with other jobs; 4096 scene JPEGs of 96 px in 8 shards, batch 64, 64 px crops):
-- CPU per sample: this loader 1.12-1.16 ms; Ray Data (read_webdataset + map_batches doing the same decode,
-  crop and tokenization + iter_torch_batches, 2 CPUs) 1.47 ms, its scheduler and object store included.
-  (Ray Data's wall-clock rate, 319 vs 186-198 samples/s, was higher only because on an oversubscribed
-  machine its several processes were given more of the CPU.)
-- First batch: 0.5-2.9 s here, 20-55 s with Ray Data, which also restarts its execution every epoch.
-- Resume, the deciding point: Ray Data has no mid-epoch position; its block order and local shuffle are
-  not reproducible from a checkpoint, so a restarted run would repeat or skip samples.
-- Critical path: fed by this loader (1 worker), ViT-Tiny-16's training thread spent the same CPU per step as
-  with synthetic in-memory batches (304 vs 306 ms) and waited for data 1.5 % of the time.
-Ray Data would win where decoding must move off the GPU nodes to CPU-only nodes; GPU nodes with spare cores
-need no such thing, and worker processes keep the stream resumable.
+Why it is built this way
+- One stream per DataLoader worker process, and each epoch deals every sample to exactly one stream of one
+  rank (`epoch_parts`): ranks need no coordination to see each sample once per epoch.
+- Shards are read straight from storage as forward-only tar streams, so nothing is staged on local disk;
+  decoding, cropping and tokenization run in the worker processes, off the training loop's critical path.
+- Streams run on from one epoch into the next without pause, so unequal shards never leave a rank without
+  batches: the trainer decides how many steps to take and every rank takes the same number. Epochs are
+  therefore counted in samples: `loader.epoch = samples_seen / num_samples`.
+- Corrupt samples are data, not exceptions: they are skipped and counted in `loader.corrupt_samples`; only
+  a stream that meets as many failures in a row as the data holds stops the run (NoUsableSamplesError).
+- A rank's batches are a pure function of its LoaderSpec, so a checkpoint needs only each stream's place in
+  its epoch to resume exactly (`TrainLoader.position`).
+- DataLoader workers and not Ray Data: Ray Data has no mid-epoch position (its block order and local shuffle
+  are not reproducible from a checkpoint, so a restarted run would repeat or skip samples), restarts its
+  execution every epoch, and took more CPU per sample and far longer to the first batch (BENCHMARKS.md,
+  "Input pipeline"). It would win where decoding must move off the GPU nodes to CPU-only nodes; GPU nodes
+  with spare cores need no such thing.
 """
 
 from __future__ import annotations
@@ -74,6 +46,7 @@ import clip_core
 from pipelines import storage
 from pipelines.ingest import writer
 from pipelines.shards import IMAGE_EXTS, tar_samples
+from pipelines.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +181,9 @@ class StreamCounters:
 
 
 def epoch_parts(shards: list[Shard], num_streams: int, seed: int, epoch: int) -> list[list[ShardPart]]:
-    """The shard parts each of the num_streams global streams reads in one epoch."""
+    """The shard parts each of the num_streams global streams reads in one epoch: the shards permuted with
+    (seed, epoch) and dealt round-robin. With fewer shards than streams each shard is split into interleaved
+    parts (sample i goes to part i % parts), so no stream is idle."""
     parts = math.ceil(num_streams / len(shards))
     units = [ShardPart(shard, part, parts) for shard in shards for part in range(parts)]
     order = np.random.default_rng([seed, epoch]).permutation(len(units))
@@ -270,7 +245,9 @@ def stream_raw_samples(
     """One global stream's raw samples, shuffled within each epoch, epoch after epoch, forever.
 
     The buffer is drained at each epoch's end, so an epoch's order depends on nothing before it: a resumed
-    stream replays from the start of its current epoch only.
+    stream replays from the start of its current epoch only. Near an epoch boundary a stream with fewer
+    samples already serves epoch e+1 while another still serves epoch e; within one stream's epoch every
+    sample comes exactly once.
     """
     num_samples = sum(s.num_samples for s in shards)
     for epoch in itertools.count(start_epoch):
@@ -312,17 +289,47 @@ def shuffled(samples: Iterator[RawSample], buffer_size: int, rng: random.Random)
 
 @dataclass(frozen=True)
 class LoaderSpec:
-    """Everything that fixes the stream of one rank: the same spec gives the same batches."""
+    """Everything that fixes the batches of one rank: the same spec gives the same batches. It is pickled
+    into every DataLoader worker process.
+
+    num_workers: DataLoader worker processes, one stream each; 0 runs one stream in the training process.
+    """
 
     shards: tuple[Shard, ...]
     rank: int
     world_size: int
-    streams_per_rank: int
     local_batch_size: int
     image_size: int
+    num_workers: int
     shuffle_buffer: int
     seed: int
-    settings: storage.S3Settings | None
+    settings: storage.S3Settings | None = None
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ValueError("the loader needs at least one shard")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        if self.local_batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0:
+            raise ValueError("local_batch_size must be >= 1, num_workers and shuffle_buffer >= 0")
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, shards: list[Shard], rank: int, world_size: int) -> LoaderSpec:
+        """The spec of training worker `rank`'s loader under cfg."""
+        return cls(
+            shards=tuple(shards),
+            rank=rank,
+            world_size=world_size,
+            local_batch_size=cfg.local_batch_size,
+            image_size=clip_core.get_model_config(cfg.model)["vision_cfg"]["image_size"],
+            num_workers=cfg.loader_workers,
+            shuffle_buffer=cfg.shuffle_buffer,
+            seed=cfg.seed,
+        )
+
+    @property
+    def streams_per_rank(self) -> int:
+        return max(1, self.num_workers)
 
     @property
     def num_streams(self) -> int:
@@ -439,44 +446,25 @@ def _worker_init(worker_id: int) -> None:
 
 
 class TrainLoader:
-    """Batches (images float[B,3,H,W], texts long[B,77]) for one rank, forever; see the module docstring.
+    """Batches (images float[B,3,H,W], texts long[B,77]) for the rank of `spec`, forever.
 
     position: a dict from `position()` (or `gather_positions`) of an earlier run, to continue from there.
+    pin_memory, prefetch_factor: how the DataLoader hands batches over; they do not change the batches.
     with_keys: also yield each batch's [(epoch, sample key)] (for tests and debugging).
     """
 
     def __init__(
         self,
-        shards: list[Shard],
-        *,
-        rank: int,
-        world_size: int,
-        local_batch_size: int,
-        image_size: int,
-        num_workers: int,
-        shuffle_buffer: int,
-        seed: int,
+        spec: LoaderSpec,
         position: dict | None = None,
-        settings: storage.S3Settings | None = None,
-        prefetch_factor: int = 4,
+        *,
         pin_memory: bool = False,
+        prefetch_factor: int = 4,
         with_keys: bool = False,
     ):
-        if not shards:
-            raise ValueError("TrainLoader needs at least one shard")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
-        if local_batch_size < 1 or num_workers < 0 or shuffle_buffer < 0:
-            raise ValueError("local_batch_size must be >= 1, num_workers and shuffle_buffer >= 0")
-        self.shards = list(shards)
-        self.rank, self.world_size = rank, world_size
-        self.local_batch_size, self.image_size = local_batch_size, image_size
-        self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
-        self.settings, self.prefetch_factor, self.pin_memory = settings, prefetch_factor, pin_memory
-        self.with_keys = with_keys
-        self.num_samples = sum(s.num_samples for s in self.shards)
-        self.streams_per_rank = max(1, num_workers)
-        self.positions = [StreamPosition() for _ in range(self.streams_per_rank)]
+        self.spec = spec
+        self.pin_memory, self.prefetch_factor, self.with_keys = pin_memory, prefetch_factor, with_keys
+        self.positions = [StreamPosition() for _ in range(spec.streams_per_rank)]
         self.batches = 0  # since the streams started
         self.samples_seen = 0  # all ranks together, since the run began
         self.wait_seconds = 0.0
@@ -487,40 +475,46 @@ class TrainLoader:
     # -- position --------------------------------------------------------------------------------------
 
     def _layout(self) -> dict[str, Any]:
+        spec = self.spec
         return {
-            "world_size": self.world_size,
-            "num_workers": self.num_workers,
-            "local_batch_size": self.local_batch_size,
-            "seed": self.seed,
-            "shuffle_buffer": self.shuffle_buffer,
-            "num_samples": self.num_samples,
-            "num_shards": len(self.shards),
+            "world_size": spec.world_size,
+            "num_workers": spec.num_workers,
+            "local_batch_size": spec.local_batch_size,
+            "seed": spec.seed,
+            "shuffle_buffer": spec.shuffle_buffer,
+            "num_samples": spec.num_samples,
+            "num_shards": len(spec.shards),
         }
 
     def position(self) -> dict[str, Any]:
-        """The JSON-serialisable data position after the batches yielded so far, for this rank."""
+        """The JSON-serialisable data position after the batches yielded so far, for this rank: per stream,
+        its epoch and how many shuffled raw samples of that epoch it has consumed. The trainer saves
+        `gather_positions(loader)`, which holds every rank's."""
         return {
             "format": POSITION_FORMAT,
             **self._layout(),
             "batches": self.batches,
             "samples_seen": self.samples_seen,
-            "ranks": {str(self.rank): [asdict(p) for p in self.positions]},
+            "ranks": {str(self.spec.rank): [asdict(p) for p in self.positions]},
         }
 
     def _restore(self, position: dict) -> None:
+        """Continue exactly where `position` stopped: each stream replays its epoch from the start and skips
+        the consumed samples without decoding them (reading at most one stream-epoch of bytes). If the
+        layout changed or this rank has no entry, restart the epoch in progress under the new split."""
         if position.get("format") != POSITION_FORMAT:
             raise ValueError(f"data position has format {position.get('format')}, expected {POSITION_FORMAT}")
         self.samples_seen = int(position["samples_seen"])
-        saved = position.get("ranks", {}).get(str(self.rank))
+        saved = position.get("ranks", {}).get(str(self.spec.rank))
         changed = [k for k, v in self._layout().items() if position.get(k) != v]
         if not changed and saved is not None:
             self.batches = int(position["batches"])
             self.positions = [StreamPosition(**p) for p in saved]
             return
         # Raw positions mean nothing under another split: start the epoch in progress over.
-        epoch = self.samples_seen // self.num_samples
-        self.positions = [StreamPosition(epoch=epoch) for _ in range(self.streams_per_rank)]
-        why = f"{', '.join(changed)} changed" if changed else f"it holds no entry for rank {self.rank}"
+        epoch = self.samples_seen // self.spec.num_samples
+        self.positions = [StreamPosition(epoch=epoch) for _ in range(self.spec.streams_per_rank)]
+        why = f"{', '.join(changed)} changed" if changed else f"it holds no entry for rank {self.spec.rank}"
         log.warning(
             "data position not resumable exactly (%s): restarting epoch %d from its first shard, so samples "
             "already seen in this epoch are seen again",
@@ -535,30 +529,20 @@ class TrainLoader:
 
     @property
     def epoch(self) -> float:
-        return self.samples_seen / self.num_samples
+        return self.samples_seen / self.spec.num_samples
 
     # -- iteration -------------------------------------------------------------------------------------
 
     def _start(self) -> Iterator:
-        spec = LoaderSpec(
-            tuple(self.shards),
-            self.rank,
-            self.world_size,
-            self.streams_per_rank,
-            self.local_batch_size,
-            self.image_size,
-            self.shuffle_buffer,
-            self.seed,
-            self.settings,
-        )
+        spec = self.spec
         # Rotating the workers makes the resumed round-robin continue with the stream whose turn it was.
-        dataset = RankStreams(spec, self.positions, rotation=self.batches % self.streams_per_rank)
-        if self.num_workers == 0:
+        dataset = RankStreams(spec, self.positions, rotation=self.batches % spec.streams_per_rank)
+        if spec.num_workers == 0:
             return iter(dataset)
         loader = DataLoader(
             dataset,
             batch_size=None,  # workers make whole batches: one pickle per batch, not per sample
-            num_workers=self.num_workers,
+            num_workers=spec.num_workers,
             prefetch_factor=self.prefetch_factor,
             pin_memory=self.pin_memory,
             worker_init_fn=_worker_init,
@@ -578,14 +562,14 @@ class TrainLoader:
         except NoUsableSamplesError:
             self.close()
             raise NoUsableSamplesError(
-                f"no usable training sample: a loader stream met {self.num_samples} failures in a row (as "
+                f"no usable training sample: a loader stream met {self.spec.num_samples} failures in a row (as "
                 "many as the data holds), so every image is undecodable or every shard unreadable; check "
                 "that --data points at ingest output with images and captions, and the S3 credentials"
             ) from None
         self.wait_seconds += time.perf_counter() - started
         self.positions[state["stream"]] = StreamPosition(**state["position"])
         self.batches += 1
-        self.samples_seen += self.local_batch_size * self.world_size
+        self.samples_seen += self.spec.local_batch_size * self.spec.world_size
         if not self.with_keys:
             return images, texts
         # The DataLoader's conversion turns tuples into lists on their way out of the worker.

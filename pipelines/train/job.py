@@ -24,6 +24,7 @@ from pipelines.config import without_credentials
 from pipelines.tracking import use_tracking_server
 from pipelines.train import checkpoints, tracking
 from pipelines.train.config import TrainConfig
+from pipelines.train.meter import TrainMeter
 
 CONFIG_FILE = "train_config.yaml"
 WORKERS_DIR = "workers"  # one small file per rank: pid and node, for operators (and the fault test)
@@ -148,7 +149,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipelines.train.data import Shard, TrainLoader, gather_positions
+    from pipelines.train.data import LoaderSpec, Shard, TrainLoader, gather_positions
 
     cfg = TrainConfig.model_validate(config["cfg"])
     context = ray.train.get_context()
@@ -194,20 +195,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_fn = clip_core.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
 
     shards = [Shard(uri, count) for uri, count in config["shards"]]
-    epoch_samples = sum(count for _, count in config["shards"])
-    image_size = clip_core.get_model_config(cfg.model)["vision_cfg"]["image_size"]
-    loader = TrainLoader(
-        shards,
-        rank=rank,
-        world_size=world_size,
-        local_batch_size=cfg.local_batch_size,
-        image_size=image_size,
-        num_workers=cfg.loader_workers,
-        shuffle_buffer=cfg.shuffle_buffer,
-        seed=cfg.seed,
-        position=position,
-        pin_memory=device.type == "cuda",
-    )
+    loader_spec = LoaderSpec.from_config(cfg, shards, rank, world_size)
+    loader = TrainLoader(loader_spec, position, pin_memory=device.type == "cuda")
     batches = iter(loader)
 
     if rank == 0:
@@ -221,17 +210,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "global_batch_size": cfg.batch_size,
     }
 
-    log_losses, checkpoint_losses = [], []
-    # Checkpoint writing is paused time: samples/s and the data-wait share measure the training steps.
-    interval_start, interval_wait, interval_paused, interval_steps = time.perf_counter(), 0.0, 0.0, 0
-    while step < cfg.steps:
+    meter = TrainMeter(cfg, step, samples_seen)
+    while meter.step < cfg.steps:
         micro_batches = []
         for _ in range(cfg.accum_steps):
-            wait_start = time.perf_counter()
-            images, texts = next(batches)
-            interval_wait += time.perf_counter() - wait_start
+            with meter.waiting_for_data():
+                images, texts = next(batches)
             micro_batches.append((images.to(device, non_blocking=True), texts.to(device, non_blocking=True)))
-        lr = schedule(step)
+        lr = schedule(meter.step)
         loss = accumulated_train_step(
             model,
             loss_fn,
@@ -240,73 +226,75 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             precision=cfg.precision,
             grad_clip_norm=cfg.grad_clip_norm,
         )
-        step += 1
-        samples_seen += cfg.batch_size
-        interval_steps += 1
-        log_losses.append(loss)
-        checkpoint_losses.append(loss)
+        meter.add_step(loss)
+        epoch = meter.samples_seen / loader_spec.num_samples
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            elapsed = time.perf_counter() - interval_start - interval_paused
-            local_loss = float(torch.stack(log_losses).float().mean())
-            loss_value, wait_fraction = _mean_over_workers([local_loss, interval_wait / elapsed], device)
-            if rank == 0:
-                metrics = {
-                    "loss": loss_value,
-                    "lr": lr,
-                    "logit_scale": raw_model.logit_scale.exp().item(),
-                    "samples_per_s": interval_steps * cfg.batch_size / elapsed,
-                    "step_time_s": elapsed / interval_steps,
-                    "data_wait_fraction": wait_fraction,
-                    "epoch": samples_seen / epoch_samples,
-                }
-                mlflow.log_metrics(metrics, step=step)
-                print(
-                    f"step {step}/{cfg.steps} loss {loss_value:.4f} lr {lr:.2e} "
-                    f"{metrics['samples_per_s']:.1f} samples/s data wait {wait_fraction:.1%}",
-                    flush=True,
+        if meter.due_for_log():
+            interval = meter.end_log_interval()
+            # Logging, like checkpoint writing, is paused time: samples/s and the data-wait share measure
+            # the training steps.
+            with meter.paused():
+                loss_value, wait_fraction = _mean_over_workers(
+                    [interval.loss, interval.data_wait_fraction], device
                 )
-            log_losses.clear()
-            interval_start, interval_wait, interval_paused, interval_steps = time.perf_counter(), 0.0, 0.0, 0
+                if rank == 0:
+                    metrics = {
+                        "loss": loss_value,
+                        "lr": lr,
+                        "logit_scale": raw_model.logit_scale.exp().item(),
+                        "samples_per_s": interval.steps * cfg.batch_size / interval.seconds,
+                        "step_time_s": interval.seconds / interval.steps,
+                        "data_wait_fraction": wait_fraction,
+                        "epoch": epoch,
+                    }
+                    mlflow.log_metrics(metrics, step=meter.step)
+                    print(
+                        f"step {meter.step}/{cfg.steps} loss {loss_value:.4f} lr {lr:.2e} "
+                        f"{metrics['samples_per_s']:.1f} samples/s data wait {wait_fraction:.1%}",
+                        flush=True,
+                    )
 
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            checkpoint_start = time.perf_counter()
-            checkpoint_loss = _mean_over_workers(
-                [float(torch.stack(checkpoint_losses).float().mean())], device
-            )[0]
-            checkpoint_losses.clear()
-            data_position = gather_positions(loader)
-            corrupt = sum(p["corrupt"] for streams in data_position["ranks"].values() for p in streams)
-            metrics = {"loss": checkpoint_loss, "corrupt_samples": corrupt}
-            if rank == 0:
-                saved = checkpoints.save(
-                    cfg.checkpoints_uri,
-                    step,
-                    model_state=raw_model.state_dict(),
-                    train_state={
-                        "step": step,
-                        "samples_seen": samples_seen,
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": schedule.state_dict(),
-                        "scaler": None,  # bf16 autocast needs no loss scaling
-                        "data_position": data_position,
-                    },
-                    info={**info_base, "samples_seen": samples_seen, "epoch": samples_seen / epoch_samples,
-                          "metrics": metrics},
-                )  # fmt: skip
-                checkpoints.prune(cfg.checkpoints_uri, cfg.keep_last, cfg.best_metric, cfg.best_mode)
-                kept = [c.uri for c in checkpoints.list_complete(cfg.checkpoints_uri)]
-                tracking.log_checkpoint(saved.uri, kept)
-                mlflow.log_metric("checkpoint_time_s", time.perf_counter() - checkpoint_start, step=step)
-                print(f"checkpoint {saved.uri}", flush=True)
-                if cfg.eval_every and step % cfg.eval_every == 0:
-                    _launch_eval(cfg.eval_config)
-            # Checkpoints are NOT handed to Ray (no `checkpoint=`): ours, in the contract's layout with its
-            # commit marker, is what evaluation, --resume and restarts read, and rank 0 already wrote it;
-            # Ray would upload a second copy of every checkpoint to its storage_path for nothing.
-            # The report still gives Ray's dashboard the step and loss, and keeps the workers in step.
-            ray.train.report({"step": step, **metrics})
-            interval_paused += time.perf_counter() - checkpoint_start
+        if meter.due_for_checkpoint():
+            with meter.paused():
+                checkpoint_start = time.perf_counter()
+                checkpoint_loss = _mean_over_workers([meter.end_checkpoint_interval()], device)[0]
+                data_position = gather_positions(loader)
+                corrupt = sum(p["corrupt"] for streams in data_position["ranks"].values() for p in streams)
+                metrics = {"loss": checkpoint_loss, "corrupt_samples": corrupt}
+                if rank == 0:
+                    saved = checkpoints.save(
+                        cfg.checkpoints_uri,
+                        meter.step,
+                        model_state=raw_model.state_dict(),
+                        train_state={
+                            "step": meter.step,
+                            "samples_seen": meter.samples_seen,
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": schedule.state_dict(),
+                            "scaler": None,  # bf16 autocast needs no loss scaling
+                            "data_position": data_position,
+                        },
+                        info={
+                            **info_base,
+                            "samples_seen": meter.samples_seen,
+                            "epoch": epoch,
+                            "metrics": metrics,
+                        },
+                    )
+                    checkpoints.prune(cfg.checkpoints_uri, cfg.keep_last, cfg.best_metric, cfg.best_mode)
+                    kept = [c.uri for c in checkpoints.list_complete(cfg.checkpoints_uri)]
+                    tracking.log_checkpoint(saved.uri, kept)
+                    mlflow.log_metric(
+                        "checkpoint_time_s", time.perf_counter() - checkpoint_start, step=meter.step
+                    )
+                    print(f"checkpoint {saved.uri}", flush=True)
+                    if meter.due_for_eval():
+                        _launch_eval(cfg.eval_config)
+                # Checkpoints are NOT handed to Ray (no `checkpoint=`): ours, in the contract's layout with its
+                # commit marker, is what evaluation, --resume and restarts read, and rank 0 already wrote it;
+                # Ray would upload a second copy of every checkpoint to its storage_path for nothing.
+                # The report still gives Ray's dashboard the step and loss, and keeps the workers in step.
+                ray.train.report({"step": meter.step, **metrics})
 
     if rank == 0:
         mlflow.end_run()

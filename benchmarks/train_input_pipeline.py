@@ -27,7 +27,7 @@ from PIL import Image
 
 import clip_core
 from clip_core.training import create_optimizer, train_step
-from pipelines import scenes
+from pipelines.demo import scenes
 from pipelines.ingest import writer
 from pipelines.train import data
 

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 import clip_core
-from pipelines import failpoints, scenes
+from pipelines import failpoints
+from pipelines.demo import scenes
 from pipelines.ingest import writer
 from tests.http_fixtures import serve_directory
 

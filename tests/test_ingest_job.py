@@ -21,7 +21,8 @@ import webdataset as wds
 from PIL import Image
 
 import clip_core
-from pipelines import scenes, storage
+from pipelines import storage
+from pipelines.demo import scenes
 from pipelines.ingest import job, writer
 from tests.http_fixtures import HttpTestServer, serve_directory
 

@@ -12,7 +12,8 @@ from collections import Counter
 import pytest
 import torch
 
-from pipelines import scenes, storage
+from pipelines import storage
+from pipelines.demo import scenes
 from pipelines.ingest import writer
 from pipelines.train import data
 

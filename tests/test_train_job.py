@@ -19,7 +19,8 @@ import open_clip
 import torch
 
 import clip_core
-from pipelines import scenes, storage
+from pipelines import storage
+from pipelines.demo import scenes
 from pipelines.ingest import writer
 from pipelines.train import checkpoints
 from pipelines.train.config import TrainConfig

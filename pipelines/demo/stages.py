@@ -19,10 +19,11 @@ from pathlib import Path
 import yaml
 
 from infra import local
-from pipelines import demo_data, scenes, storage
+from pipelines import storage
+from pipelines.demo import data, scenes
 
 MODEL = "ViT-Tiny-16"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # The demo's suite and scheduler configs, written for s3://clip-data/demo; other outputs get copies.
 DEFAULT_OUTPUT = f"s3://{local.DATA_BUCKET}/demo"
 EVAL_SUITE = REPO / "configs" / "eval-scenes.yaml"
@@ -86,9 +87,9 @@ def main() -> None:
         f"drawn scenes: {args.scenes} captioned images and held-out sets of 8 colours, 8 shapes"
     )
     site = local.DEFAULT_STATE_DIR / f"demo-site-{args.scenes}"
-    demo_data.write_scene_site(site, args.scenes, seed=0)
+    data.write_scene_site(site, args.scenes, seed=0)
     for attribute in ("color", "shape"):
-        scenes.write_classification_folder(
+        data.write_classification_folder(
             storage.join(eval_root, f"scenes-{attribute}"), attribute, count=400, seed=1000, size=64
         )
     stages.end(began, f"site in {site}, held-out sets in {eval_root}")
@@ -97,8 +98,8 @@ def main() -> None:
     if _ingest_complete(shards):
         print(f"reusing the finished ingest in {shards}")
     else:
-        with demo_data.serve(site) as base_url:
-            urls = demo_data.write_url_list(site, base_url, site / "urls.parquet")
+        with data.serve(site) as base_url:
+            urls = data.write_url_list(site, base_url, site / "urls.parquet")
             input_uri = storage.join(args.output, "input", "urls.parquet")
             storage.write_bytes(input_uri, urls.read_bytes())
             submit(
@@ -198,7 +199,3 @@ def print_results(results: dict, manifest: dict, checkpoint: dict, env: dict[str
         f"\nMLflow UI: {env['MLFLOW_TRACKING_URI']}/#/experiments/{experiment}/runs/{train_run.info.run_id}"
     )
     print(f"Ray dashboard: {env['RAY_API_SERVER_ADDRESS']}")
-
-
-if __name__ == "__main__":
-    main()

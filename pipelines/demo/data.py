@@ -23,6 +23,7 @@ from PIL import Image
 
 from pipelines import storage
 from pipelines.demo import scenes
+from pipelines.formats.shards import SUCCESS, shard_name
 from pipelines.ingest.writer import write_manifest, write_shard
 
 PAIRS_FILE = "pairs.parquet"
@@ -140,8 +141,8 @@ def write_retrieval_shards(
                     "url": f"scene://{seed}/{index}",
                     "caption": captions[0],
                     "captions": captions,
-                    "key": f"{shard_id:05d}{index - start:04d}",
-                    "status": "success",
+                    "key": f"{shard_name(shard_id)}{index - start:04d}",
+                    "status": SUCCESS,
                     "image": _jpeg(scene.image),
                     "image_ext": "jpg",
                     "width": size,

@@ -32,7 +32,7 @@ from clip_benchmark.datasets.builder import build_dataset  # noqa: E402
 from clip_benchmark.metrics import zeroshot_classification  # noqa: E402
 
 import clip_core  # noqa: E402
-from pipelines import scenes  # noqa: E402
+from pipelines.demo import scenes  # noqa: E402
 from pipelines.evaluate.config import validate_suite  # noqa: E402
 from pipelines.evaluate.job import run_evaluation  # noqa: E402
 

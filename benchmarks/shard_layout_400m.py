@@ -28,6 +28,7 @@ from ingest_vs_img2dataset import REPO, generate_images, start_nginx  # noqa: E4
 
 from infra import local  # noqa: E402
 from pipelines import storage  # noqa: E402
+from pipelines.formats import shards as shard_format  # noqa: E402
 from pipelines.ingest import writer  # noqa: E402
 
 TARGET_SAMPLES = 400_000_000
@@ -46,7 +47,7 @@ def measure_small_ingest(rows: int, env: dict) -> tuple[dict, dict]:
         finally:
             nginx.terminate()
             nginx.wait()
-        stats = json.loads((Path(tmp) / f"out-{rows}" / "00000_stats.json").read_text())
+        stats = json.loads((Path(tmp) / f"out-{rows}" / shard_format.stats_name(0)).read_text())
     return measured, stats
 
 
@@ -74,19 +75,18 @@ def create_objects(
 
     def put_shard(shard_id: int) -> None:
         stats = json.loads(json.dumps(stats_example))
-        name = writer.shard_name(shard_id)
         stats |= {
             "shard_id": shard_id,
             "row_range": [shard_id * samples_per_shard, (shard_id + 1) * samples_per_shard],
-            "files": {"tar": f"{name}.tar", "parquet": f"{name}.parquet"},
+            "files": {"tar": shard_format.tar_name(shard_id), "parquet": shard_format.parquet_name(shard_id)},
         }
         for key in ("count", "successes", "failed_to_download", "failed_to_resize"):
             stats[key] = round(stats[key] * scale)
         for group in ("counts", "status_dict", "bytes_written"):
             stats[group] = {k: round(v * scale) for k, v in stats[group].items()}
-        storage.write_bytes(writer.tar_uri(prefix, shard_id), b"")
-        storage.write_bytes(storage.join(prefix, f"{name}.parquet"), b"")
-        storage.write_bytes(writer.stats_uri(prefix, shard_id), json.dumps(stats, indent=4).encode())
+        storage.write_bytes(shard_format.tar_uri(prefix, shard_id), b"")
+        storage.write_bytes(shard_format.parquet_uri(prefix, shard_id), b"")
+        storage.write_bytes(shard_format.stats_uri(prefix, shard_id), json.dumps(stats, indent=4).encode())
 
     started = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
@@ -134,12 +134,12 @@ def main() -> None:
             print(f"created {objects:,} objects in {put_seconds:.1f} s ({objects / put_seconds:.0f} PUT/s)")
             list_seconds, entries = timed(lambda: storage.list_files(prefix), args.repeats)
             assert len(entries) == objects, (len(entries), objects)
-            committed_seconds, committed = timed(lambda: writer.committed_shards(prefix), args.repeats)
+            committed_seconds, committed = timed(lambda: shard_format.committed_shards(prefix), args.repeats)
             assert len(committed) == args.shards
             manifest_seconds, manifest = timed(
                 lambda: writer.write_manifest(prefix, expected_shards=args.shards), 1
             )
-            manifest_bytes = len(storage.read_bytes(storage.join(prefix, writer.MANIFEST_NAME)))
+            manifest_bytes = len(storage.read_bytes(shard_format.manifest_uri(prefix)))
             resolve_seconds, shards = timed(lambda: resolve_shards([prefix]), args.repeats)
             assert len(shards) == args.shards and manifest["complete"]
         finally:

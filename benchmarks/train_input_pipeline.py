@@ -27,7 +27,8 @@ from PIL import Image
 
 import clip_core
 from clip_core.training import create_optimizer, train_step
-from pipelines import scenes
+from pipelines.demo import scenes
+from pipelines.formats.shards import MANIFEST_NAME
 from pipelines.ingest import writer
 from pipelines.train import data
 
@@ -37,7 +38,7 @@ OUT = Path(__file__).parent / "out"
 
 def make_shards(root: Path, num_samples: int, num_shards: int, image_px: int) -> list[data.Shard]:
     """Drawn scenes as ingest shards (JPEG, quality 90), written once and reused."""
-    if not (root / writer.MANIFEST_NAME).exists():
+    if not (root / MANIFEST_NAME).exists():
         per_shard = num_samples // num_shards
         for shard_id in range(num_shards):
             rows = []

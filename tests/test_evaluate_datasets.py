@@ -11,8 +11,9 @@ import torch
 import webdataset as wds
 
 import clip_core
-from pipelines import scenes
 from pipelines.config import ConfigError
+from pipelines.demo import scenes
+from pipelines.demo.data import write_classification_folder, write_retrieval_shards
 from pipelines.evaluate import __main__ as cli
 from pipelines.evaluate import config, datasets, job
 from pipelines.evaluate.features import extract_features_locally
@@ -29,7 +30,7 @@ def suite_for(*entries: dict) -> config.SuiteConfig:
 @pytest.fixture(scope="module")
 def color_folder(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("color") / "set"
-    scenes.write_classification_folder(str(root), "color", 20, seed=3, size=32)
+    write_classification_folder(str(root), "color", 20, seed=3, size=32)
     return str(root)
 
 
@@ -130,7 +131,7 @@ def test_wds_layout_is_read_as_clip_benchmark_writes_it(tmp_path, color_folder):
 
 
 def test_ingest_shards_carry_several_captions_per_image(tmp_path):
-    scenes.write_retrieval_shards(str(tmp_path), 12, seed=4, captions_per_image=3, per_shard=5)
+    write_retrieval_shards(str(tmp_path), 12, seed=4, captions_per_image=3, per_shard=5)
     opened = datasets.open_dataset(config.DatasetConfig(name="r", uri=str(tmp_path)))
     assert opened.format == "ingest" and len(opened.items) == 3
     samples = [s for item in opened.items for s in datasets.read_item(item)]

@@ -17,7 +17,10 @@ import torch
 from mlflow import MlflowClient
 
 import clip_core
-from pipelines import demo, scenes, storage
+from pipelines import storage
+from pipelines.demo import scenes
+from pipelines.demo.data import write_classification_folder, write_retrieval_shards
+from pipelines.demo.stages import submit
 from pipelines.evaluate import config, job
 
 MODEL = "ViT-Tiny-16"
@@ -59,7 +62,7 @@ def test_evaluation_run_is_nested_under_the_training_run_with_metrics_table_and_
         mlflow.log_metric("loss", 3.0, step=100)
     checkpoint = write_training_checkpoint(storage.join(s3_prefix, "train"), 100, training_run)
     color = storage.join(s3_prefix, "eval", "color")
-    scenes.write_classification_folder(color, "color", 24, seed=5, size=32)
+    write_classification_folder(color, "color", 24, seed=5, size=32)
     suite = config.validate_suite({"datasets": [{"name": "color", "uri": color}], "example_images": 8})
 
     metrics = job.run_evaluation(checkpoint, MODEL, suite, experiment=EXPERIMENT).metrics
@@ -113,15 +116,15 @@ def test_cli_through_ray_job_submit_writes_results_json_to_s3(local_stack, local
     clip_core.save_checkpoint(clip_core.create_model(MODEL), buffer)
     storage.write_bytes(checkpoint, buffer.getvalue())
     shape = storage.join(s3_prefix, "shape")
-    scenes.write_classification_folder(shape, "shape", 16, seed=6, size=32)
+    write_classification_folder(shape, "shape", 16, seed=6, size=32)
     retrieval = storage.join(s3_prefix, "retrieval")
-    scenes.write_retrieval_shards(retrieval, 12, seed=7, size=32, captions_per_image=2)
+    write_retrieval_shards(retrieval, 12, seed=7, size=32, captions_per_image=2)
     suite_uri = storage.join(s3_prefix, "suite.yaml")
     suite_yaml = f"datasets:\n  - {{name: shape, uri: '{shape}'}}\n  - {{name: ret, uri: '{retrieval}', tasks: [zeroshot_retrieval]}}\n"
     storage.write_bytes(suite_uri, suite_yaml.encode())
     results_uri = storage.join(s3_prefix, "results.json")
 
-    demo.submit(
+    submit(
         [sys.executable, "-m", "pipelines.evaluate", "--checkpoint", checkpoint, "--model", MODEL,
          "--config", suite_uri, "--experiment", EXPERIMENT, "--results", results_uri],
         local_stack_env,

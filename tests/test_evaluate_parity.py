@@ -22,7 +22,8 @@ from torchvision.datasets import ImageFolder
 
 import clip_core
 from clip_core.training import create_optimizer, train_step, warmup_cosine_lr
-from pipelines import scenes
+from pipelines.demo import scenes
+from pipelines.demo.data import write_classification_folder, write_retrieval_shards
 from pipelines.evaluate.config import validate_suite
 from pipelines.evaluate.job import run_evaluation
 
@@ -68,8 +69,8 @@ def datasets(tmp_path_factory) -> dict[str, str]:
     set as our ingest shards and as CLIP_benchmark's wds retrieval layout."""
     root = tmp_path_factory.mktemp("sets")
     folder = root / "color-folder"
-    classnames = scenes.write_classification_folder(str(folder), "color", 160, seed=21)
-    scenes.write_classification_folder(str(root / "color-train"), "color", 96, seed=22)
+    classnames = write_classification_folder(str(folder), "color", 160, seed=21)
+    write_classification_folder(str(root / "color-train"), "color", 96, seed=22)
 
     color_wds = root / "color-wds"
     (color_wds / "test").mkdir(parents=True)
@@ -85,7 +86,7 @@ def datasets(tmp_path_factory) -> dict[str, str]:
     (color_wds / "test" / "nshards.txt").write_text(f"{shards}\n")
 
     retrieval = root / "retrieval-ingest"
-    scenes.write_retrieval_shards(str(retrieval), 120, seed=31, captions_per_image=3, per_shard=50)
+    write_retrieval_shards(str(retrieval), 120, seed=31, captions_per_image=3, per_shard=50)
     retrieval_wds = root / "retrieval-wds"
     (retrieval_wds / "test").mkdir(parents=True)
     (retrieval_wds / "dataset_type.txt").write_text("retrieval\n")

@@ -23,7 +23,9 @@ import pytest
 import torch
 
 import clip_core
-from pipelines import failpoints, scenes
+from pipelines import failpoints
+from pipelines.demo import scenes
+from pipelines.formats.shards import MANIFEST_NAME
 from pipelines.ingest import writer
 from tests.http_fixtures import serve_directory
 
@@ -149,7 +151,7 @@ def test_killed_at_every_phase_resumes_to_the_uninterrupted_output(job_inputs, t
         assert killed.returncode == -signal.SIGKILL, f"{point}: the run was not killed there\n{log}"
         kills = record.read_text().splitlines()
         assert len(kills) == n + 1 and f"{failpoints.ENV}={point}:" in kills[-1], (kills, log)
-        assert not (output / writer.MANIFEST_NAME).exists() or point == "manifest.written"
+        assert not (output / MANIFEST_NAME).exists() or point == "manifest.written"
         partial += [name for name in listing(output) if name.endswith(".partial")]
     # Each run removes what the kill before it left half-written; make sure there was something to remove.
     assert any(name.startswith(f"{writer.STAGING_DIR}/.") for name in partial), partial
@@ -162,6 +164,6 @@ def test_killed_at_every_phase_resumes_to_the_uninterrupted_output(job_inputs, t
     for name in listing(reference):
         if name.endswith(".tar"):
             assert (output / name).read_bytes() == (reference / name).read_bytes(), name
-    assert json.loads((output / writer.MANIFEST_NAME).read_text()) == json.loads(
-        (reference / writer.MANIFEST_NAME).read_text()
+    assert json.loads((output / MANIFEST_NAME).read_text()) == json.loads(
+        (reference / MANIFEST_NAME).read_text()
     )

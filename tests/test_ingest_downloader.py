@@ -12,9 +12,8 @@ from urllib.parse import quote
 import pytest
 from yarl import URL
 
+from pipelines.formats.shards import FAILED_TO_DOWNLOAD, SUCCESS
 from pipelines.ingest.downloader import (
-    FAILED_TO_DOWNLOAD,
-    SUCCESS,
     AsyncDownloader,
     ByteBudget,
     Downloader,

@@ -21,7 +21,9 @@ import webdataset as wds
 from PIL import Image
 
 import clip_core
-from pipelines import scenes, storage
+from pipelines import storage
+from pipelines.demo import scenes
+from pipelines.formats import shards
 from pipelines.ingest import job, writer
 from tests.http_fixtures import HttpTestServer, serve_directory
 
@@ -111,8 +113,8 @@ def ingest_args(input_uri: str, output_uri: str) -> list[str]:
 
 
 def output_rows(output_uri: str) -> list[dict]:
-    manifest = writer.read_manifest(output_uri)
-    tables = [job.read_table(writer.parquet_uri(output_uri, s["shard_id"])) for s in manifest["shards"]]
+    manifest = shards.read_manifest(output_uri)
+    tables = [job.read_table(shards.parquet_uri(output_uri, s["shard_id"])) for s in manifest["shards"]]
     return pa.concat_tables(tables, promote_options="default").sort_by("row_index").to_pylist()
 
 
@@ -120,9 +122,9 @@ def tar_samples(output_uri: str) -> dict[str, dict]:
     """Every sample of every committed tar, read with webdataset (from a local copy for S3 output)."""
     samples = {}
     with tempfile.TemporaryDirectory() as local:
-        for shard in writer.read_manifest(output_uri)["shards"]:
+        for shard in shards.read_manifest(output_uri)["shards"]:
             path = Path(local, f"{shard['shard_id']}.tar")
-            path.write_bytes(storage.read_bytes(writer.tar_uri(output_uri, shard["shard_id"])))
+            path.write_bytes(storage.read_bytes(shards.tar_uri(output_uri, shard["shard_id"])))
             for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
                 samples[sample["__key__"]] = sample
     return samples
@@ -148,7 +150,7 @@ def uninterrupted(site, tmp_path_factory):
     rows = input_rows(site)
     tmp = tmp_path_factory.mktemp("ingest")
     run_ingest_job(ingest_args(write_input(rows, tmp / "input.parquet"), str(tmp / "out")))
-    return rows, str(tmp / "out"), writer.read_manifest(str(tmp / "out"))
+    return rows, str(tmp / "out"), shards.read_manifest(str(tmp / "out"))
 
 
 def test_every_input_row_is_one_output_row_with_the_expected_status(uninterrupted):

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.config import ConfigError
+from pipelines.formats import shards
 from pipelines.ingest import output, writer
 from pipelines.ingest.config import load_config
 
@@ -119,7 +120,7 @@ def test_overwrite_replaces_an_ingest_output(tmp_path):
     output.prepare(config(input_uri, str(out)))
     fake_shard(str(out))
     output.prepare(config(input_uri, str(out), "--image-size", "64", "--incremental-mode", "overwrite"))
-    assert not writer.committed_shards(str(out))
+    assert not shards.committed_shards(str(out))
     recorded = json.loads((out / output.FINGERPRINT_NAME).read_text())
     assert recorded["config"]["image_size"] == 64
 
@@ -194,7 +195,7 @@ def test_a_resumed_run_with_other_operational_settings_is_accepted(tmp_path):
             "other",
         )  # fmt: skip
     )
-    assert writer.committed_shards(out) == {0}
+    assert shards.committed_shards(out) == {0}
 
 
 def test_shards_without_a_fingerprint_are_not_adopted(tmp_path):

@@ -17,6 +17,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipelines import storage
+from pipelines.formats import shards
 from pipelines.ingest import writer
 
 SAMPLES_PER_SHARD = 10
@@ -222,7 +223,7 @@ def test_crash_while_writing_the_tar_publishes_nothing(tmp_path):
     with pytest.raises(TypeError, match="no image bytes"):
         writer.write_shard(str(tmp_path), 3, rows)
     assert os.listdir(tmp_path) == []
-    assert writer.committed_shards(str(tmp_path)) == set()
+    assert shards.committed_shards(str(tmp_path)) == set()
 
 
 def test_crash_after_the_tar_leaves_the_shard_uncommitted_and_a_rewrite_commits_it(tmp_path):
@@ -232,12 +233,12 @@ def test_crash_after_the_tar_leaves_the_shard_uncommitted_and_a_rewrite_commits_
         writer.write_shard(str(tmp_path), 3, rows)
     assert (tmp_path / "00003.tar").exists()
     assert not (tmp_path / "00003_stats.json").exists()
-    assert writer.committed_shards(str(tmp_path)) == set()
+    assert shards.committed_shards(str(tmp_path)) == set()
 
     good = shard_rows()
     good[0]["caption"] = "rewritten"
     writer.write_shard(str(tmp_path), 3, good)
-    assert writer.committed_shards(str(tmp_path)) == {3}
+    assert shards.committed_shards(str(tmp_path)) == {3}
     first = next(iter(wds.WebDataset(str(tmp_path / "00003.tar"), shardshuffle=False)))
     assert first["txt"] == b"rewritten"
     assert pq.read_table(tmp_path / "00003.parquet").num_rows == len(good)
@@ -250,7 +251,7 @@ def test_rewriting_a_committed_shard_uncommits_it_until_done(tmp_path):
     rows[0]["image"] = None
     with pytest.raises(TypeError):
         writer.write_shard(str(tmp_path), 3, rows)
-    assert writer.committed_shards(str(tmp_path)) == set()
+    assert shards.committed_shards(str(tmp_path)) == set()
 
 
 def test_rows_of_another_shard_are_refused(tmp_path):
@@ -286,9 +287,9 @@ def test_manifest_lists_committed_shards_with_totals(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "00009_stats.json").write_text("{}")  # not a shard of this output
 
-    assert writer.committed_shards(out) == {0, 1}
+    assert shards.committed_shards(out) == {0, 1}
     manifest = writer.write_manifest(out, expected_shards=3)
-    assert writer.read_manifest(out) == manifest
+    assert shards.read_manifest(out) == manifest
     assert [s["shard_id"] for s in manifest["shards"]] == [0, 1]
     assert manifest["shards"][1]["files"] == {
         "tar": "00001.tar", "parquet": "00001.parquet", "stats": "00001_stats.json",
@@ -305,7 +306,7 @@ def test_shard_on_s3_matches_the_local_one(tmp_path, s3_prefix, local_stack_env)
     writer.write_shard(str(tmp_path), 3, rows)
     writer.write_shard(s3_prefix, 3, rows)
 
-    assert writer.committed_shards(s3_prefix) == {3}
+    assert shards.committed_shards(s3_prefix) == {3}
     s3_tar = storage.read_bytes(storage.join(s3_prefix, "00003.tar"))
     assert s3_tar == (tmp_path / "00003.tar").read_bytes()
     samples = list(wds.WebDataset(str(tmp_path / "00003.tar"), shardshuffle=False))
@@ -315,5 +316,5 @@ def test_shard_on_s3_matches_the_local_one(tmp_path, s3_prefix, local_stack_env)
     assert s3_table.column("clip_score").to_pylist()[0] == 0.31
 
     manifest = writer.write_manifest(s3_prefix)
-    assert writer.read_manifest(s3_prefix)["totals"]["count"] == len(rows)
+    assert shards.read_manifest(s3_prefix)["totals"]["count"] == len(rows)
     assert manifest["expected_shards"] is None and manifest["complete"] is None

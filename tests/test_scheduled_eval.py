@@ -23,8 +23,10 @@ import torch
 import yaml
 
 import clip_core
-from pipelines import scenes, storage
+from pipelines import storage
 from pipelines.config import ConfigError
+from pipelines.demo import scenes
+from pipelines.demo.data import write_classification_folder
 from pipelines.scheduled_eval import BackgroundPass, claims, launch_background_pass, load_config, run_pass
 from pipelines.scheduled_eval.background import TERMINAL
 from pipelines.scheduled_eval.scheduler import record_uri, suite_key
@@ -88,9 +90,7 @@ def stack_env(local_stack):
 def suite_uri(stack_env, local_stack):
     """A one-dataset suite: zero-shot colour on 48 held-out scenes."""
     root = f"s3://clip-data/tests/scheduled-eval-{uuid.uuid4().hex}"
-    scenes.write_classification_folder(
-        storage.join(root, "scenes-color"), "color", count=48, seed=1000, size=64
-    )
+    write_classification_folder(storage.join(root, "scenes-color"), "color", count=48, seed=1000, size=64)
     suite = {
         "datasets": [
             {"name": "scenes-color", "uri": storage.join(root, "scenes-color"), "format": "image_folder"}

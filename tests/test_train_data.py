@@ -12,7 +12,9 @@ from collections import Counter
 import pytest
 import torch
 
-from pipelines import scenes, storage
+from pipelines import storage
+from pipelines.demo import scenes
+from pipelines.formats.shards import tar_uri
 from pipelines.ingest import writer
 from pipelines.train import data
 
@@ -73,7 +75,7 @@ def shards_dir(tmp_path_factory) -> str:
     for shard_id in range(NUM_SHARDS):
         writer.write_shard(root, shard_id, shard_rows(shard_id))
     writer.write_manifest(root, expected_shards=NUM_SHARDS)
-    truncate_inside_sample(writer.tar_uri(root, TRUNCATED_SHARD), TRUNCATED_KEEPS)
+    truncate_inside_sample(tar_uri(root, TRUNCATED_SHARD), TRUNCATED_KEEPS)
     return root
 
 
@@ -105,7 +107,7 @@ def loader(shards, position=None, **spec_fields) -> data.TrainLoader:
 
 
 def test_folder_manifest_and_brace_pattern_resolve_to_shards_with_sample_counts(shards_dir, tmp_path):
-    expected = [data.Shard(writer.tar_uri(shards_dir, i), SAMPLES_PER_SHARD) for i in range(NUM_SHARDS)]
+    expected = [data.Shard(tar_uri(shards_dir, i), SAMPLES_PER_SHARD) for i in range(NUM_SHARDS)]
     assert data.resolve_shards([shards_dir]) == expected
     assert data.resolve_shards([os.path.join(shards_dir, "manifest.json")]) == expected
     assert data.resolve_shards(os.path.join(shards_dir, "{00001..00003}.tar")) == expected[1:4]
@@ -308,7 +310,7 @@ def test_streams_shards_from_s3_without_writing_local_files(
     for shard_id in range(3):
         writer.write_shard(s3_prefix, shard_id, shard_rows(shard_id))
     writer.write_manifest(s3_prefix, expected_shards=3)
-    expected = [data.Shard(writer.tar_uri(s3_prefix, i), SAMPLES_PER_SHARD) for i in range(3)]
+    expected = [data.Shard(tar_uri(s3_prefix, i), SAMPLES_PER_SHARD) for i in range(3)]
     assert data.resolve_shards([s3_prefix]) == expected
     assert data.resolve_shards([f"{s3_prefix}/{{00000..00002}}.tar"]) == expected
 

@@ -19,7 +19,9 @@ import open_clip
 import torch
 
 import clip_core
-from pipelines import scenes, storage
+from pipelines import storage
+from pipelines.demo import scenes
+from pipelines.formats.checkpoints import list_complete, step_uri
 from pipelines.ingest import writer
 from pipelines.train import checkpoints
 from pipelines.train.config import TrainConfig
@@ -85,7 +87,7 @@ def test_two_worker_job_survives_a_killed_worker_and_learns(
             command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **local_stack_env}
         )
     try:
-        first = checkpoints.step_uri(storage.join(output, "checkpoints"), CHECKPOINT_EVERY)
+        first = step_uri(storage.join(output, "checkpoints"), CHECKPOINT_EVERY)
         _wait_for(lambda: storage.exists(storage.join(first, "checkpoint.json")), job, 400, log_path)
         victim = json.loads(storage.read_bytes(storage.join(output, "workers", "rank_1.json")))["pid"]
         killed_at_ms = int(time.time() * 1000)
@@ -109,7 +111,7 @@ def test_two_worker_job_survives_a_killed_worker_and_learns(
     # Checkpoints: complete, pruned to the newest two and the best, the final one at the last step.
     cfg = TrainConfig.from_yaml(storage.read_bytes(storage.join(output, "train_config.yaml")).decode())
     assert cfg.steps == STEPS and cfg.workers == 2 and cfg.data == [data_uri]
-    complete = checkpoints.list_complete(cfg.checkpoints_uri)
+    complete = list_complete(cfg.checkpoints_uri)
     final = complete[-1]
     assert final.step == STEPS and 2 <= len(complete) <= 3
     assert final.info["samples_seen"] == STEPS * BATCH
@@ -177,7 +179,7 @@ def test_restarts_take_the_newest_checkpoint_of_the_output_before_resume(tmp_pat
     args = ["--data", "/d", "--model", "ViT-Tiny-16", "--steps", "100", "--batch-size", "8"]
     args += ["--output", str(tmp_path / "run")]
     assert _start_checkpoint(load_config(args)) is None
-    cfg = load_config(args + ["--resume", checkpoints.step_uri(elsewhere, 30)])
+    cfg = load_config(args + ["--resume", step_uri(elsewhere, 30)])
     assert _start_checkpoint(cfg).step == 30  # --resume starts a new output from any checkpoint
     checkpoints.save(cfg.checkpoints_uri, 40, {"w": torch.zeros(1)}, {"step": 40}, {"metrics": {}})
     assert _start_checkpoint(cfg).step == 40  # after a crash, the run's own newest checkpoint wins

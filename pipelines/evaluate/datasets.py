@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,11 +14,11 @@ from dataclasses import dataclass, field
 from clip_core import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from pipelines import storage
 from pipelines.evaluate.config import DatasetConfig
-from pipelines.shards import IMAGE_EXTS, tar_samples
+from pipelines.formats import shards
+from pipelines.formats.shards import IMAGE_EXTS, TAR_EXT, sample_image, tar_samples
 
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
-_STATS_NAME = re.compile(r"(^|/)\d+_stats\.json$")
 
 
 class DatasetError(ValueError):
@@ -64,7 +63,9 @@ def detect_format(uri: str) -> str:
         raise DatasetError(f"dataset {uri} is empty or does not exist; check the URI.")
     if any(r.endswith("/nshards.txt") for r in relative) or "dataset_type.txt" in relative:
         return "wds"
-    if "manifest.json" in relative or any(_STATS_NAME.search(r) for r in relative):
+    if shards.MANIFEST_NAME in relative or any(
+        shards.stats_shard_id(r.rpartition("/")[2]) is not None for r in relative
+    ):
         return "ingest"
     if any("/" in r and r.rsplit(".", 1)[-1].lower() in IMAGE_EXTS for r in relative):
         return "image_folder"
@@ -123,7 +124,7 @@ def open_wds(cfg: DatasetConfig, uri: str, split: str) -> EvalSet:
         )
     nshards = int(storage.read_bytes(nshards_uri).decode().strip())
     dataset_type = (_read_lines(storage.join(uri, "dataset_type.txt")) or ["classification"])[0].lower()
-    items = [{"uri": storage.join(uri, split, f"{i}.tar")} for i in range(nshards)]
+    items = [{"uri": storage.join(uri, split, f"{i}{TAR_EXT}")} for i in range(nshards)]
     classnames, templates = _names_and_templates(cfg, uri)
     return EvalSet(
         cfg.name,
@@ -138,11 +139,8 @@ def open_wds(cfg: DatasetConfig, uri: str, split: str) -> EvalSet:
 
 
 def open_ingest(cfg: DatasetConfig, uri: str) -> EvalSet:
-    """Our ingest output: committed shards (those with `{shard}_stats.json`) and their tars."""
-    root = _root(uri)
-    relative = [_relative(root, e.uri) for e in storage.list_files(uri)]
-    shards = sorted(r[: -len("_stats.json")] for r in relative if _STATS_NAME.search(r) and "/" not in r)
-    items = [{"uri": storage.join(uri, f"{s}.tar")} for s in shards]
+    """Our ingest output: the tars of its committed shards."""
+    items = [{"uri": tar} for tar in shards.committed_tars(uri)]
     classnames, templates = _names_and_templates(cfg, uri)
     return EvalSet(cfg.name, uri, "ingest", items, classnames, templates, max_samples=cfg.max_samples)
 
@@ -178,7 +176,7 @@ def read_item(item: dict, captions_in_lines: bool = False) -> Iterator[dict]:
     CLIP_benchmark's retrieval tars.
     """
     uri = item["uri"]
-    if not uri.endswith(".tar"):
+    if not uri.endswith(TAR_EXT):
         yield {"key": uri, "image": storage.read_bytes(uri), "label": int(item["label"]), "captions": []}
         return
     with storage.open_read(uri) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
@@ -189,7 +187,7 @@ def read_item(item: dict, captions_in_lines: bool = False) -> Iterator[dict]:
 
 
 def _sample(uri: str, key: str, members: dict[str, bytes], captions_in_lines: bool) -> dict | None:
-    image = next((members[ext] for ext in IMAGE_EXTS if ext in members), None)
+    image = sample_image(members)
     if image is None:
         return None
     label = int(members["cls"].decode().strip()) if "cls" in members else -1

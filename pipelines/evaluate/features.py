@@ -18,6 +18,7 @@ from torchvision import transforms as T
 
 import clip_core
 from pipelines.evaluate.datasets import EvalSet, read_item
+from pipelines.formats.shards import TAR_EXT
 
 
 def decode_image(data: bytes, image_size: int, reduced_decode: bool = False) -> np.ndarray:
@@ -89,8 +90,8 @@ def work_items(eval_sets: list[EvalSet]) -> list[dict]:
     """One work item per tar shard or per FILES_PER_WORK_ITEM image files, tagged with its set."""
     items = []
     for i, eval_set in enumerate(eval_sets):
-        singles = [item for item in eval_set.items if not item["uri"].endswith(".tar")]
-        groups = [[item] for item in eval_set.items if item["uri"].endswith(".tar")]
+        singles = [item for item in eval_set.items if not item["uri"].endswith(TAR_EXT)]
+        groups = [[item] for item in eval_set.items if item["uri"].endswith(TAR_EXT)]
         groups += [singles[j : j + FILES_PER_WORK_ITEM] for j in range(0, len(singles), FILES_PER_WORK_ITEM)]
         for group in groups:
             items.append(

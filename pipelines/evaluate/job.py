@@ -6,7 +6,6 @@ entry point the CLI, the scheduled evaluation and tests share.
 from __future__ import annotations
 
 import io
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -22,10 +21,9 @@ from pipelines.evaluate import tracking
 from pipelines.evaluate.config import DatasetConfig, SuiteConfig
 from pipelines.evaluate.datasets import DatasetError, EvalSet, open_dataset, read_item
 from pipelines.evaluate.features import Features, extract_features
+from pipelines.formats import checkpoints
 from pipelines.tracking import use_tracking_server
 
-CHECKPOINT_INFO = "checkpoint.json"
-MODEL_FILE = "model.pt"
 TEXT_BATCH = 256
 
 
@@ -39,17 +37,10 @@ class EvaluationError(ValueError):
 
 def resolve_checkpoint(checkpoint_uri: str) -> tuple[str, dict | None]:
     """(URI of the weights file, the training checkpoint's checkpoint.json or None for a plain file)."""
-    info_uri = storage.join(checkpoint_uri, CHECKPOINT_INFO)
-    if storage.exists(info_uri):
-        return storage.join(checkpoint_uri, MODEL_FILE), json.loads(storage.read_bytes(info_uri))
-    if storage.list_files(checkpoint_uri):
-        raise EvaluationError(
-            f"checkpoint folder {checkpoint_uri} has no {CHECKPOINT_INFO}, so it is an incomplete training "
-            "checkpoint; pass a committed checkpoint folder or a weights file."
-        )
-    if not storage.exists(checkpoint_uri):
-        raise EvaluationError(f"checkpoint {checkpoint_uri} does not exist; check the --checkpoint URI.")
-    return checkpoint_uri, None
+    try:
+        return checkpoints.open_weights(checkpoint_uri)
+    except FileNotFoundError as error:
+        raise EvaluationError(str(error)) from None
 
 
 def load_model(model_name: str, weights_uri: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:

@@ -13,8 +13,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SUCCESS = "success"
-DUPLICATE = "duplicate"
+from pipelines.formats.shards import DUPLICATE, SUCCESS
+
 # What each kind of deduplication compares, and how its message names it.
 KEY_COLUMNS = {"url": "url", "content": "sha256"}
 KEY_DESCRIPTIONS = {"url": "url", "content": "image bytes (sha256)"}

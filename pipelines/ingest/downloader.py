@@ -26,8 +26,7 @@ import aiohttp.abc
 import aiohttp.resolver
 from yarl import URL
 
-SUCCESS = "success"
-FAILED_TO_DOWNLOAD = "failed_to_download"
+from pipelines.formats.shards import FAILED_TO_DOWNLOAD, SUCCESS
 
 USER_AGENT_VERSION = "0.1"
 DEFAULT_CONTACT_URL = "https://github.com/clip-ray/clip-ray"

@@ -14,9 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-SUCCESS = "success"
-FAILED_TO_DECODE = "failed_to_decode"
-FILTERED = "filtered"
+from pipelines.formats.shards import FAILED_TO_DECODE, FILTERED, SUCCESS
 
 Batch = dict[str, np.ndarray] | pd.DataFrame
 

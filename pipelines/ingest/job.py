@@ -29,10 +29,12 @@ import pyarrow.parquet as pq
 import ray
 
 from pipelines import failpoints, storage
+from pipelines.formats import shards
+from pipelines.formats.shards import DUPLICATE, FILTERED, SUCCESS
 from pipelines.ingest import dedup, output, reader, writer
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.downloader import Downloader
-from pipelines.ingest.filters import FILTERED, SUCCESS, ClipScorer, FilterConfig, filter_reasons
+from pipelines.ingest.filters import ClipScorer, FilterConfig, filter_reasons
 from pipelines.ingest.resizer import Resizer
 
 DECODE_THREADS = 2
@@ -253,10 +255,10 @@ class ReadHashes:
         for shard_id, committed in zip(batch["shard_id"], batch["committed"]):
             columns = ["row_index", "key", "sha256", "status"]
             if committed:
-                table = read_table(writer.parquet_uri(self.output, int(shard_id)), columns)
+                table = read_table(shards.parquet_uri(self.output, int(shard_id)), columns)
                 status = table["status"].to_pylist()
                 sha = table["sha256"].to_pylist()
-                status = [SUCCESS if s == "duplicate" and h is not None else s for s, h in zip(status, sha)]
+                status = [SUCCESS if s == DUPLICATE and h is not None else s for s, h in zip(status, sha)]
                 table = table.set_column(3, "status", pa.array(status, pa.string()))
             else:
                 table = read_table(writer.staged_uri(self.output, int(shard_id)), columns)
@@ -332,7 +334,7 @@ def run(cfg: IngestConfig) -> dict:
     # 1. plan
     specs = {spec.shard_id: spec for spec in reader.plan_shards(cfg)}
     num_rows = sum(spec.num_rows for spec in specs.values())
-    committed = writer.committed_shards(cfg.output) & set(specs)
+    committed = shards.committed_shards(cfg.output) & set(specs)
     staged = {s for s in specs if s not in committed and storage.exists(writer.staged_uri(cfg.output, s))}
     to_stage = sorted(set(specs) - committed - staged)
     phase(
@@ -441,5 +443,5 @@ def log_to_mlflow(cfg: IngestConfig, manifest: dict) -> None:
         mlflow.log_metric("seconds", manifest["seconds"])
         reasons: Counter = Counter()
         for shard in manifest["shards"]:
-            reasons.update(writer.read_shard_stats(cfg.output, shard["shard_id"])["status_dict"])
+            reasons.update(shards.read_stats(cfg.output, shard["shard_id"])["status_dict"])
         mlflow.log_dict(dict(reasons.most_common()), "failures_by_reason.json")

@@ -13,6 +13,7 @@ from typing import Any
 
 from pipelines import storage
 from pipelines.config import ConfigError
+from pipelines.formats import shards
 from pipelines.ingest import reader, writer
 from pipelines.ingest.config import IngestConfig
 
@@ -39,7 +40,7 @@ OPERATIONAL_FIELDS = frozenset(
     }
 )
 # A shard Parquet file's name, to test whether an input glob would pick up an output's own files.
-_SAMPLE_SHARD = f"{writer.shard_name(0)}.parquet"
+_SAMPLE_SHARD = shards.parquet_name(0)
 VERSION_THREADS = 16
 
 
@@ -208,7 +209,7 @@ def differences(recorded: dict[str, Any], current: dict[str, Any], limit: int = 
 
 def _holds_shards(output_uri: str) -> bool:
     staging = storage.join(output_uri, writer.STAGING_DIR)
-    return bool(writer.committed_shards(output_uri)) or bool(storage.list_files(staging))
+    return bool(shards.committed_shards(output_uri)) or bool(storage.list_files(staging))
 
 
 def _check_replaceable(output_uri: str) -> None:

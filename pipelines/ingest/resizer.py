@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipelines.formats.shards import FAILED_TO_DECODE, SUCCESS
 from pipelines.ingest import image_headers
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
@@ -122,7 +123,7 @@ class ResizerConfig:
 class ResizeResult:
     """One image through the resizer. On failure `image` and the sizes are None and `error_message` says why."""
 
-    status: str  # "success" or "failed_to_decode"
+    status: str  # SUCCESS or FAILED_TO_DECODE
     error_message: str | None
     image: bytes | None
     width: int | None
@@ -185,7 +186,7 @@ class Resizer:
 
     def _failure(self, sha256: str, message: str) -> ResizeResult:
         return ResizeResult(
-            "failed_to_decode", message, None, None, None, None, None, sha256, self.config.encode_format
+            FAILED_TO_DECODE, message, None, None, None, None, None, sha256, self.config.encode_format
         )
 
     def _resize(self, raw: bytes, sha256: str) -> ResizeResult:
@@ -297,7 +298,7 @@ class Resizer:
                 sha256, f"decoded but cannot encode {out_width}x{out_height} as {config.encode_format}"
             )
         return ResizeResult(
-            "success",
+            SUCCESS,
             None,
             encoded.tobytes(),
             out_width,

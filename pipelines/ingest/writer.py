@@ -10,7 +10,6 @@ import datetime
 import io
 import json
 import math
-import os
 import re
 import tarfile
 import time
@@ -23,11 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import failpoints, storage
+from pipelines.formats import shards
+from pipelines.formats.shards import FAILED_TO_DECODE, FAILED_TO_DOWNLOAD, SHARD_IMAGE_EXTS, STATUSES, SUCCESS
 
-SUCCESS = "success"
-STATUSES = ("success", "failed_to_download", "failed_to_decode", "filtered", "duplicate")
-IMAGE_EXTS = ("jpg", "png", "webp")
-MANIFEST_NAME = "manifest.json"
 # Shards wait here, images included, between download and the run-wide content dedup.
 STAGING_DIR = "_staging"
 
@@ -60,24 +57,8 @@ _INT_FIELDS = ("width", "height", "original_width", "original_height", "row_inde
 _JSON_TRAILING = ["key", "status", "error_message", "width", "height", "original_width", "original_height"]
 
 
-def shard_name(shard_id: int) -> str:
-    return f"{shard_id:05d}"
-
-
-def tar_uri(output_uri: str, shard_id: int) -> str:
-    return storage.join(output_uri, f"{shard_name(shard_id)}.tar")
-
-
-def parquet_uri(output_uri: str, shard_id: int) -> str:
-    return storage.join(output_uri, f"{shard_name(shard_id)}.parquet")
-
-
-def stats_uri(output_uri: str, shard_id: int) -> str:
-    return storage.join(output_uri, f"{shard_name(shard_id)}_stats.json")
-
-
 def staged_uri(output_uri: str, shard_id: int) -> str:
-    return storage.join(output_uri, STAGING_DIR, f"{shard_name(shard_id)}.parquet")
+    return storage.join(output_uri, STAGING_DIR, shards.parquet_name(shard_id))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -237,7 +218,7 @@ def write_shard(
     file is removed first, so a crash while rewriting a committed shard leaves it uncommitted, not stale.
     """
     start_time = time.time()
-    storage.delete(stats_uri(output_uri, shard_id), settings=settings)
+    storage.delete(shards.stats_uri(output_uri, shard_id), settings=settings)
     failpoints.reach("write.started", shard_id)
     column_names, ordered = _rows_in_key_order(rows)
     carried = carried_names(column_names)
@@ -246,7 +227,7 @@ def write_shard(
     counts = Counter({status: 0 for status in STATUSES})
     reasons: Counter[str] = Counter()
     seen_keys: set[str] = set()
-    with storage.open_write(tar_uri(output_uri, shard_id), settings=settings) as tar_stream:
+    with storage.open_write(shards.tar_uri(output_uri, shard_id), settings=settings) as tar_stream:
         # The tar streams member by member into the atomic writer: memory holds one image and the buffers.
         with tarfile.open(fileobj=tar_stream, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for row in ordered:
@@ -261,9 +242,9 @@ def write_shard(
                         raise TypeError(
                             f"shard {shard_id}: success row {key} has no image bytes (got {type(image)})"
                         )
-                    if ext not in IMAGE_EXTS:
+                    if ext not in SHARD_IMAGE_EXTS:
                         raise ValueError(
-                            f"shard {shard_id}: row {key} has image_ext {ext!r}, not one of {IMAGE_EXTS}"
+                            f"shard {shard_id}: row {key} has image_ext {ext!r}, not one of {SHARD_IMAGE_EXTS}"
                         )
                     caption = row.get("caption")
                     meta = sample_metadata(row, carried)
@@ -280,7 +261,7 @@ def write_shard(
     table = pa.Table.from_pylist(parquet_rows, schema=schema)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
-    storage.write_bytes(parquet_uri(output_uri, shard_id), buffer.getvalue(), settings=settings)
+    storage.write_bytes(shards.parquet_uri(output_uri, shard_id), buffer.getvalue(), settings=settings)
     failpoints.reach("write.parquet_done", shard_id)
 
     row_indices = [r["row_index"] for r in parquet_rows]
@@ -290,8 +271,8 @@ def write_shard(
         # img2dataset's stats keys, so its tooling can read ours; it calls decode failures failed_to_resize.
         "count": len(parquet_rows),
         "successes": counts[SUCCESS],
-        "failed_to_download": counts["failed_to_download"],
-        "failed_to_resize": counts["failed_to_decode"],
+        FAILED_TO_DOWNLOAD: counts[FAILED_TO_DOWNLOAD],
+        "failed_to_resize": counts[FAILED_TO_DECODE],
         "duration": end_time - start_time,
         "start_time": start_time,
         "end_time": end_time,
@@ -299,42 +280,18 @@ def write_shard(
         # Ours.
         "counts": dict(counts),
         "row_range": [min(row_indices), max(row_indices) + 1] if row_indices else None,
-        "files": {"tar": f"{shard_name(shard_id)}.tar", "parquet": f"{shard_name(shard_id)}.parquet"},
+        "files": {"tar": shards.tar_name(shard_id), "parquet": shards.parquet_name(shard_id)},
         "bytes_written": {"tar": tar_bytes, "parquet": buffer.tell()},
     }
     # Written last: its presence is what makes the shard committed.
     storage.write_bytes(
-        stats_uri(output_uri, shard_id), json.dumps(stats, indent=4).encode(), settings=settings
+        shards.stats_uri(output_uri, shard_id), json.dumps(stats, indent=4).encode(), settings=settings
     )
     return stats
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The run: committed shards and the manifest
-
-
-_STATS_NAME = re.compile(r"^(\d+)_stats\.json$")
-
-
-def committed_shards(output_uri: str, settings: storage.S3Settings | None = None) -> set[int]:
-    """Shards whose stats file exists, i.e. that were written to the end."""
-    # list_files gives local entries as absolute paths, and lists subfolders too: only direct children count.
-    root = (
-        output_uri.rstrip("/")
-        if storage.is_s3(output_uri)
-        else os.path.abspath(os.path.expanduser(output_uri))
-    )
-    found = set()
-    for entry in storage.list_files(output_uri, settings=settings):
-        relative = entry.uri[len(root) :].lstrip("/")
-        match = _STATS_NAME.match(relative)
-        if match:
-            found.add(int(match.group(1)))
-    return found
-
-
-def read_shard_stats(output_uri: str, shard_id: int, settings: storage.S3Settings | None = None) -> dict:
-    return json.loads(storage.read_bytes(stats_uri(output_uri, shard_id), settings=settings))
+# The run's manifest of committed shards
 
 
 # Stats files are small; reading them one after another from S3 would make a 40k-shard manifest take minutes.
@@ -348,17 +305,17 @@ def write_manifest(
 
     expected_shards: how many shards the run should have, when known; `complete` then says whether all are in.
     """
-    shard_ids = sorted(committed_shards(output_uri, settings=settings))
+    shard_ids = sorted(shards.committed_shards(output_uri, settings=settings))
     with ThreadPoolExecutor(MANIFEST_READ_THREADS) as pool:
-        all_stats = list(pool.map(lambda s: read_shard_stats(output_uri, s, settings), shard_ids))
+        all_stats = list(pool.map(lambda s: shards.read_stats(output_uri, s, settings), shard_ids))
     totals = Counter({status: 0 for status in STATUSES})
-    shards = []
+    committed = []
     for shard_id, stats in zip(shard_ids, all_stats):
         totals.update(stats["counts"])
-        shards.append(
+        committed.append(
             {
                 "shard_id": shard_id,
-                "files": {**stats["files"], "stats": f"{shard_name(shard_id)}_stats.json"},
+                "files": {**stats["files"], "stats": shards.stats_name(shard_id)},
                 "count": stats["count"],
                 "counts": stats["counts"],
                 "row_range": stats["row_range"],
@@ -369,21 +326,18 @@ def write_manifest(
     if expected_shards is not None:
         missing = sorted(set(range(expected_shards)) - set(shard_ids))
     manifest = {
-        "committed_shards": len(shards),
+        "committed_shards": len(committed),
         "expected_shards": expected_shards,
         "complete": None if expected_shards is None else not missing,
         "missing_shards": missing,
         "totals": {"count": sum(totals.values()), **dict(totals)},
         "bytes_written": {
-            "tar": sum(s["bytes_written"]["tar"] for s in shards),
-            "parquet": sum(s["bytes_written"]["parquet"] for s in shards),
+            "tar": sum(s["bytes_written"]["tar"] for s in committed),
+            "parquet": sum(s["bytes_written"]["parquet"] for s in committed),
         },
-        "shards": shards,
+        "shards": committed,
     }
-    manifest_uri = storage.join(output_uri, MANIFEST_NAME)
-    storage.write_bytes(manifest_uri, json.dumps(manifest, indent=2).encode(), settings=settings)
+    storage.write_bytes(
+        shards.manifest_uri(output_uri), json.dumps(manifest, indent=2).encode(), settings=settings
+    )
     return manifest
-
-
-def read_manifest(output_uri: str, settings: storage.S3Settings | None = None) -> dict[str, Any]:
-    return json.loads(storage.read_bytes(storage.join(output_uri, MANIFEST_NAME), settings=settings))

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 from pipelines import storage
 from pipelines.config import ConfigError
+from pipelines.formats import checkpoints
 from pipelines.scheduled_eval import claims
 from pipelines.scheduled_eval.config import ScheduledEvalConfig
 
-CHECKPOINT_DIR = re.compile(r"/checkpoints/step_(\d+)/checkpoint\.json$")
 SUITE_TAG = "clip_ray.suite"
 
 
@@ -79,13 +79,8 @@ def record_uri(config: ScheduledEvalConfig, key: str, checkpoint_uri: str) -> st
 
 def training_checkpoints(output_uri: str) -> list[Candidate]:
     """Complete checkpoints of one training output: folders whose checkpoint.json (written last) exists."""
-    found = []
-    for entry in storage.list_files(storage.join(output_uri, "checkpoints")):
-        match = CHECKPOINT_DIR.search(entry.uri)
-        if match:
-            folder = entry.uri.removesuffix("/checkpoint.json")
-            found.append(Candidate(folder, folder, step=int(match.group(1))))
-    return found
+    folders = checkpoints.complete_folders(checkpoints.checkpoints_uri(output_uri))
+    return [Candidate(folder, folder, step=step) for step, folder in folders.items()]
 
 
 def registered_versions(client, names: list[str]) -> list[Candidate]:
@@ -102,7 +97,9 @@ def registered_versions(client, names: list[str]) -> list[Candidate]:
                     model = None
             found.append(
                 Candidate(
-                    checkpoint_uri=_checkpoint_folder(version.tags.get("checkpoint_uri") or version.source),
+                    checkpoint_uri=checkpoints.folder_of(
+                        version.tags.get("checkpoint_uri") or version.source
+                    ),
                     source=version.source,
                     model=model,
                     training_run_id=version.tags.get("training_run_id") or None,
@@ -111,12 +108,6 @@ def registered_versions(client, names: list[str]) -> list[Candidate]:
                 )
             )
     return found
-
-
-def _checkpoint_folder(uri: str) -> str:
-    """A training checkpoint's model.pt stands for its folder, the identity the training scan finds."""
-    folder = uri.removesuffix("/model.pt")
-    return folder if folder != uri and re.search(r"/checkpoints/step_\d+$", folder) else uri
 
 
 def _search_versions(client, filter_string: str) -> list:
@@ -289,7 +280,7 @@ def _evaluate(config: ScheduledEvalConfig, suite, candidate: Candidate):
 
     with tempfile.TemporaryDirectory(prefix="scheduled-eval-") as scratch:
         source = _local_copy_if_needed(candidate.source, scratch)
-        info = _checkpoint_info(source)
+        info = checkpoints.read_info(source) or {}
         model = config.model or candidate.model or info.get("model")
         if not model:
             raise ValueError(
@@ -312,11 +303,6 @@ def _local_copy_if_needed(source: str, scratch: str) -> str:
     import mlflow
 
     return mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=scratch)
-
-
-def _checkpoint_info(source: str) -> dict:
-    info_uri = storage.join(source, "checkpoint.json")
-    return json.loads(storage.read_bytes(info_uri)) if storage.exists(info_uri) else {}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -370,7 +356,10 @@ def _registrable_source(client, candidate: Candidate, evaluation) -> tuple[str, 
     if not evaluation.run_id:
         raise ValueError(f"cannot register local checkpoint {candidate.source} without an evaluation run")
     for entry in storage.list_files(candidate.source) or [storage.FileEntry(candidate.source, 0)]:
-        if entry.uri.endswith(("checkpoint.json", "model.pt")) or entry.uri == candidate.source:
+        if (
+            entry.uri.endswith((checkpoints.MARKER_FILE, checkpoints.MODEL_FILE))
+            or entry.uri == candidate.source
+        ):
             client.log_artifact(evaluation.run_id, entry.uri, "checkpoint")
     return f"{client.get_run(evaluation.run_id).info.artifact_uri}/checkpoint", evaluation.run_id
 

@@ -1,44 +1,27 @@
-"""Training checkpoints in storage: `{output}/checkpoints/step_{N:08d}/` with model.pt (an OpenCLIP-format
-state dict), state.pt (optimizer, scaler, schedule, data position, step) and checkpoint.json, written last
-as the commit marker. Readers ignore folders without it; pruning keeps the newest few and the best.
+"""The trainer's side of its checkpoints (layout in pipelines.formats.checkpoints): saving one with model.pt,
+state.pt (optimizer, scaler, schedule, data position, step) and checkpoint.json last, loading them back for
+a resume, and pruning to the newest few and the best.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import re
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pipelines import storage
-
-MODEL_FILE = "model.pt"
-STATE_FILE = "state.pt"
-MARKER_FILE = "checkpoint.json"
-_STEP_DIR = re.compile(r"step_(\d{8})$")
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    uri: str  # the step folder
-    step: int
-    info: dict[str, Any]  # the content of checkpoint.json
-
-    @property
-    def model_uri(self) -> str:
-        return storage.join(self.uri, MODEL_FILE)
-
-    @property
-    def state_uri(self) -> str:
-        return storage.join(self.uri, STATE_FILE)
-
-
-def step_uri(checkpoints_uri: str, step: int) -> str:
-    return storage.join(checkpoints_uri, f"step_{step:08d}")
+from pipelines.formats.checkpoints import (
+    MARKER_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    Checkpoint,
+    list_complete,
+    step_folders,
+    step_uri,
+)
 
 
 def _torch_bytes(obj: Any) -> bytes:
@@ -65,47 +48,6 @@ def save(
     info = {**info, "step": step, "created_at": time.time()}
     storage.write_bytes(marker, json.dumps(info, indent=2).encode(), settings=settings)
     return Checkpoint(uri, step, info)
-
-
-def step_folders(checkpoints_uri: str, settings: storage.S3Settings | None = None) -> dict[int, str]:
-    """Every step folder with anything in it, complete or not."""
-    folders: dict[int, str] = {}
-    for entry in storage.list_files(checkpoints_uri, settings=settings):
-        parent = entry.uri.rsplit("/", 1)[0]
-        match = _STEP_DIR.search(parent)
-        if match:
-            folders[int(match.group(1))] = parent
-    return folders
-
-
-def list_complete(checkpoints_uri: str, settings: storage.S3Settings | None = None) -> list[Checkpoint]:
-    """Complete checkpoints (with their commit marker), oldest first."""
-    found = []
-    for entry in storage.list_files(checkpoints_uri, settings=settings):
-        folder, _, name = entry.uri.rpartition("/")
-        match = _STEP_DIR.search(folder)
-        if name == MARKER_FILE and match:
-            info = json.loads(storage.read_bytes(entry.uri, settings=settings))
-            found.append(Checkpoint(folder, int(match.group(1)), info))
-    return sorted(found, key=lambda c: c.step)
-
-
-def latest(checkpoints_uri: str, settings: storage.S3Settings | None = None) -> Checkpoint | None:
-    complete = list_complete(checkpoints_uri, settings=settings)
-    return complete[-1] if complete else None
-
-
-def open_checkpoint(uri: str, settings: storage.S3Settings | None = None) -> Checkpoint:
-    """The complete checkpoint in a step folder (for --resume); one clear sentence if it is not one."""
-    uri = uri.rstrip("/")
-    marker = storage.join(uri, MARKER_FILE)
-    if not storage.exists(marker, settings=settings):
-        raise FileNotFoundError(
-            f"{uri} is not a complete training checkpoint (no {MARKER_FILE}); give a step_NNNNNNNN folder "
-            "that training finished writing"
-        )
-    info = json.loads(storage.read_bytes(marker, settings=settings))
-    return Checkpoint(uri, int(info["step"]), info)
 
 
 def load_model_state(checkpoint: Checkpoint, settings: storage.S3Settings | None = None) -> dict:

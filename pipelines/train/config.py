@@ -13,8 +13,6 @@ from pydantic import Field, field_validator, model_validator
 
 from pipelines.config import Section, add_config_arguments, check_uri, data_from_args, parse_yaml, validate
 
-CHECKPOINTS_DIR = "checkpoints"
-
 
 class TrainConfig(Section):
     data: list[str]  # ingest output folders, manifest.json URIs or brace patterns of tar URIs
@@ -125,9 +123,9 @@ class TrainConfig(Section):
 
     @property
     def checkpoints_uri(self) -> str:
-        from pipelines import storage
+        from pipelines.formats import checkpoints
 
-        return storage.join(self.output, CHECKPOINTS_DIR)
+        return checkpoints.checkpoints_uri(self.output)
 
     # -----------------------------------------------------------------------------------------------------
     # YAML in and out

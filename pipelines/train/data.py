@@ -44,8 +44,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import clip_core
 from pipelines import storage
-from pipelines.ingest import writer
-from pipelines.shards import IMAGE_EXTS, tar_samples
+from pipelines.formats.shards import (
+    IMAGE_EXTS,
+    SUCCESS,
+    TAR_EXT,
+    committed_tars,
+    manifest_uri,
+    sample_image,
+    stats_uri_of_tar,
+    tar_samples,
+)
 from pipelines.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -101,27 +109,26 @@ def _resolve_entry(entry: str, settings: storage.S3Settings | None) -> list[Shar
                 f"--data {entry!r}: no such manifest; pass an ingest output folder or its manifest"
             )
         return _shards_from_manifest(_parent(entry), manifest)
-    if entry.endswith(".tar") or "{" in entry:
+    if entry.endswith(TAR_EXT) or "{" in entry:
         tars = list(braceexpand(entry))
-        if not all(t.endswith(".tar") for t in tars):
+        if not all(t.endswith(TAR_EXT) for t in tars):
             raise ValueError(f"--data {entry!r}: a brace pattern must expand to .tar URIs only")
         return _shards_from_stats(tars, settings)
-    manifest = _read_json(storage.join(entry, writer.MANIFEST_NAME), settings)
+    manifest = _read_json(manifest_uri(entry), settings)
     if manifest is not None:
         return _shards_from_manifest(entry, manifest)
-    ids = sorted(writer.committed_shards(entry, settings=settings))
-    return _shards_from_stats([writer.tar_uri(entry, i) for i in ids], settings)
+    return _shards_from_stats(committed_tars(entry, settings=settings), settings)
 
 
 def _shards_from_manifest(folder: str, manifest: dict[str, Any]) -> list[Shard]:
     return [
-        Shard(storage.join(folder, s["files"]["tar"]), int(s["counts"]["success"]))
+        Shard(storage.join(folder, s["files"]["tar"]), int(s["counts"][SUCCESS]))
         for s in manifest.get("shards", [])
     ]
 
 
 def _shards_from_stats(tars: list[str], settings: storage.S3Settings | None) -> list[Shard]:
-    stats_uris = [t[: -len(".tar")] + "_stats.json" for t in tars]
+    stats_uris = [stats_uri_of_tar(t) for t in tars]
     with ThreadPoolExecutor(STATS_READ_THREADS) as pool:
         all_stats = list(pool.map(lambda uri: _read_json(uri, settings), stats_uris))
     for tar, stats in zip(tars, all_stats):
@@ -228,8 +235,7 @@ def read_shard_part(
 
 def _samples_in_tar(tar: tarfile.TarFile, epoch: int) -> Iterator[RawSample]:
     for key, members in tar_samples(tar, keep=(*IMAGE_EXTS, CAPTION_EXT)):
-        image = next((members[ext] for ext in IMAGE_EXTS if ext in members), None)
-        yield RawSample(key, epoch, image, members.get(CAPTION_EXT))
+        yield RawSample(key, epoch, sample_image(members), members.get(CAPTION_EXT))
 
 
 def stream_raw_samples(

@@ -21,6 +21,7 @@ import clip_core
 from clip_core.training import WarmupCosineSchedule, accumulated_train_step, create_optimizer
 from pipelines import storage
 from pipelines.config import without_credentials
+from pipelines.formats.checkpoints import Checkpoint, latest, list_complete, open_checkpoint
 from pipelines.tracking import use_tracking_server
 from pipelines.train import checkpoints, tracking
 from pipelines.train.config import TrainConfig
@@ -45,7 +46,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     try:
         shards = data.resolve_shards(cfg.data)
         if cfg.resume is not None:
-            checkpoints.open_checkpoint(cfg.resume)
+            open_checkpoint(cfg.resume)
         if cfg.eval_config is not None:
             from pipelines.scheduled_eval import load_config as load_eval_config
 
@@ -71,7 +72,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             ),
         )
         trainer.fit()
-        final = checkpoints.latest(cfg.checkpoints_uri)
+        final = latest(cfg.checkpoints_uri)
         if final is None or final.step < cfg.steps:
             raise RuntimeError(
                 f"training ended without a checkpoint at step {cfg.steps} in {cfg.checkpoints_uri}"
@@ -137,12 +138,12 @@ def _mean_over_workers(values: list[float], device: torch.device) -> list[float]
     return tensor.tolist()
 
 
-def _start_checkpoint(cfg: TrainConfig) -> checkpoints.Checkpoint | None:
+def _start_checkpoint(cfg: TrainConfig) -> Checkpoint | None:
     """The newest complete checkpoint of this output, else --resume, else None (a fresh start)."""
-    newest = checkpoints.latest(cfg.checkpoints_uri)
+    newest = latest(cfg.checkpoints_uri)
     if newest is not None:
         return newest
-    return checkpoints.open_checkpoint(cfg.resume) if cfg.resume else None
+    return open_checkpoint(cfg.resume) if cfg.resume else None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -282,7 +283,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         },
                     )
                     checkpoints.prune(cfg.checkpoints_uri, cfg.keep_last, cfg.best_metric, cfg.best_mode)
-                    kept = [c.uri for c in checkpoints.list_complete(cfg.checkpoints_uri)]
+                    kept = [c.uri for c in list_complete(cfg.checkpoints_uri)]
                     tracking.log_checkpoint(saved.uri, kept)
                     mlflow.log_metric(
                         "checkpoint_time_s", time.perf_counter() - checkpoint_start, step=meter.step

@@ -13,6 +13,7 @@ from typing import Any
 import mlflow
 
 from pipelines import storage
+from pipelines.formats.checkpoints import MARKER_FILE, MODEL_FILE
 from pipelines.tracking import use_tracking_server
 
 RUN_FILE = "mlflow_run.json"
@@ -97,9 +98,8 @@ def register_final_model(model_uri: str, step: int, name: str, info: dict[str, A
         # A rerun of a finished job: the final model is registered already.
         return tags["registered_model_version"]
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp, "model.pt")
-        local.write_bytes(storage.read_bytes(model_uri))
-        Path(tmp, "checkpoint.json").write_text(json.dumps(info, indent=2))
+        Path(tmp, MODEL_FILE).write_bytes(storage.read_bytes(model_uri))
+        Path(tmp, MARKER_FILE).write_text(json.dumps(info, indent=2))
         mlflow.log_artifacts(tmp, artifact_path="final_model")
     try:
         client.create_registered_model(name, description="CLIP checkpoints trained by pipelines.train")

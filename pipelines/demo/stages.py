@@ -19,10 +19,12 @@ from pathlib import Path
 import yaml
 
 from infra import local
-from pipelines import demo_data, scenes, storage
+from pipelines import storage
+from pipelines.demo import data, scenes
+from pipelines.formats import checkpoints, shards
 
 MODEL = "ViT-Tiny-16"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # The demo's suite and scheduler configs, written for s3://clip-data/demo; other outputs get copies.
 DEFAULT_OUTPUT = f"s3://{local.DATA_BUCKET}/demo"
 EVAL_SUITE = REPO / "configs" / "eval-scenes.yaml"
@@ -75,10 +77,10 @@ def main() -> None:
         storage.delete(args.output, recursive=True)
     stages.end(began)
 
-    shards = storage.join(args.output, "shards")
+    shards_uri = storage.join(args.output, "shards")
     train_output = storage.join(args.output, "train")
     eval_root = storage.join(args.output, "eval")
-    final_checkpoint = storage.join(train_output, "checkpoints", f"step_{args.steps:08d}")
+    final_checkpoint = checkpoints.step_uri(checkpoints.checkpoints_uri(train_output), args.steps)
     results_uri = storage.join(eval_root, "results.json")
     suite, scheduler = demo_configs(args.output, args.name)
 
@@ -86,44 +88,44 @@ def main() -> None:
         f"drawn scenes: {args.scenes} captioned images and held-out sets of 8 colours, 8 shapes"
     )
     site = local.DEFAULT_STATE_DIR / f"demo-site-{args.scenes}"
-    demo_data.write_scene_site(site, args.scenes, seed=0)
+    data.write_scene_site(site, args.scenes, seed=0)
     for attribute in ("color", "shape"):
-        scenes.write_classification_folder(
+        data.write_classification_folder(
             storage.join(eval_root, f"scenes-{attribute}"), attribute, count=400, seed=1000, size=64
         )
     stages.end(began, f"site in {site}, held-out sets in {eval_root}")
 
     began = stages.begin("ingest: download over HTTP, resize, dedup, shard into the S3 store (Ray Data)")
-    if _ingest_complete(shards):
-        print(f"reusing the finished ingest in {shards}")
+    if _ingest_complete(shards_uri):
+        print(f"reusing the finished ingest in {shards_uri}")
     else:
-        with demo_data.serve(site) as base_url:
-            urls = demo_data.write_url_list(site, base_url, site / "urls.parquet")
+        with data.serve(site) as base_url:
+            urls = data.write_url_list(site, base_url, site / "urls.parquet")
             input_uri = storage.join(args.output, "input", "urls.parquet")
             storage.write_bytes(input_uri, urls.read_bytes())
             submit(
-                [py, "-m", "pipelines.ingest", "--input", input_uri, "--output", shards,
+                [py, "-m", "pipelines.ingest", "--input", input_uri, "--output", shards_uri,
                  "--image-size", "64", "--resize-mode", "center_crop", "--samples-per-shard", "500",
                  "--allow-private-networks", "--mlflow-experiment", experiment],
                 env,
             )  # fmt: skip
-    manifest = json.loads(storage.read_bytes(storage.join(shards, "manifest.json")))
-    stages.end(began, f"{manifest['totals']['success']} images in {manifest['committed_shards']} shards")
+    manifest = shards.read_manifest(shards_uri)
+    stages.end(began, f"{manifest['totals'][shards.SUCCESS]} images in {manifest['committed_shards']} shards")
 
     began = stages.begin(
         f"train {MODEL}: 2 Ray Train workers, {args.steps} steps, global batch {args.batch_size}"
     )
-    if storage.exists(storage.join(final_checkpoint, "checkpoint.json")):
+    if checkpoints.read_info(final_checkpoint) is not None:
         print(f"reusing the finished training run in {train_output}")
     else:
         submit(
-            [py, "-m", "pipelines.train", "--data", shards, "--model", MODEL, "--workers", "2",
+            [py, "-m", "pipelines.train", "--data", shards_uri, "--model", MODEL, "--workers", "2",
              "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--output", train_output,
              "--experiment", experiment, "--checkpoint-every", str(max(1, args.steps // 3)),
              "--registered-model", args.name],
             env,
         )  # fmt: skip
-    checkpoint = json.loads(storage.read_bytes(storage.join(final_checkpoint, "checkpoint.json")))
+    checkpoint = checkpoints.open_checkpoint(final_checkpoint).info
     stages.end(began, f"final checkpoint {final_checkpoint}")
 
     began = stages.begin("zero-shot evaluation of the final checkpoint (Ray Data feature extraction)")
@@ -170,9 +172,9 @@ def demo_configs(output: str, name: str) -> tuple[str, str]:
     return suite_uri, scheduler_uri
 
 
-def _ingest_complete(shards: str) -> bool:
-    manifest_uri = storage.join(shards, "manifest.json")
-    return storage.exists(manifest_uri) and bool(json.loads(storage.read_bytes(manifest_uri)).get("complete"))
+def _ingest_complete(shards_uri: str) -> bool:
+    manifest_uri = shards.manifest_uri(shards_uri)
+    return storage.exists(manifest_uri) and bool(shards.read_manifest(shards_uri).get("complete"))
 
 
 def print_results(results: dict, manifest: dict, checkpoint: dict, env: dict[str, str]) -> None:
@@ -186,7 +188,9 @@ def print_results(results: dict, manifest: dict, checkpoint: dict, env: dict[str
         print(
             f"| zero-shot acc1, `zeroshot/{dataset}/acc1` ({len(classes)} classes) | {acc1:.3f} | {1 / len(classes):.3f} |"
         )
-    print(f"| images ingested | {manifest['totals']['success']} of {manifest['totals']['count']} rows | |")
+    print(
+        f"| images ingested | {manifest['totals'][shards.SUCCESS]} of {manifest['totals']['count']} rows | |"
+    )
     samples_per_s = train_run.data.metrics.get("samples_per_s")
     if samples_per_s is not None:
         print(f"| training samples/s ({MODEL}, 2 workers) | {samples_per_s:.0f} | |")
@@ -198,7 +202,3 @@ def print_results(results: dict, manifest: dict, checkpoint: dict, env: dict[str
         f"\nMLflow UI: {env['MLFLOW_TRACKING_URI']}/#/experiments/{experiment}/runs/{train_run.info.run_id}"
     )
     print(f"Ray dashboard: {env['RAY_API_SERVER_ADDRESS']}")
-
-
-if __name__ == "__main__":
-    main()

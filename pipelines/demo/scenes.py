@@ -137,7 +137,7 @@ def _draw_shape(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Held-out evaluation sets on storage (local or S3)
+# Captions for retrieval sets
 
 # Caption forms that need only the colour and the shape, for the extra captions of retrieval sets.
 _PLAIN_CAPTIONS: tuple[str, ...] = (
@@ -147,47 +147,6 @@ _PLAIN_CAPTIONS: tuple[str, ...] = (
     "{color} {shape}",
     "{a_shape} painted {color}",
 )
-
-
-def _jpeg(image: Image.Image, quality: int = 95) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def write_classification_folder(
-    root_uri: str, attribute: str, count: int, seed: int, size: int = 96
-) -> list[str]:
-    """Write `count` scenes of stream `seed` as an image-folder tree classified by `attribute` ("color" or
-    "shape"): `{root}/{class}/{index:06d}.jpg`, `classnames.txt` (the folders in sorted order) and
-    `zeroshot_classification_templates.txt`. Classes get count // classes images each (the first ones get
-    one more for the remainder), so every class folder exists. Returns the class names in label order."""
-    from pipelines import storage
-
-    if attribute not in ("color", "shape"):
-        raise ValueError(f"attribute must be 'color' or 'shape', not {attribute!r}")
-    classes = sorted(COLORS if attribute == "color" else SHAPES)
-    if count < len(classes):
-        raise ValueError(
-            f"count must be at least {len(classes)} so that every {attribute} class has an image"
-        )
-    quota = {c: count // len(classes) + (1 if i < count % len(classes) else 0) for i, c in enumerate(classes)}
-    index = 0
-    while any(quota.values()):
-        scene = make_scene(index, seed=seed, size=(size, size))
-        label = scene.color if attribute == "color" else scene.shape
-        if quota[label]:
-            storage.write_bytes(storage.join(root_uri, label, f"{index:06d}.jpg"), _jpeg(scene.image))
-            quota[label] -= 1
-        index += 1
-    prompts = COLOR_PROMPTS if attribute == "color" else SHAPE_PROMPTS
-    storage.write_bytes(storage.join(root_uri, "classnames.txt"), ("\n".join(classes) + "\n").encode())
-    storage.write_bytes(
-        storage.join(root_uri, "zeroshot_classification_templates.txt"), ("\n".join(prompts) + "\n").encode()
-    )
-    return classes
 
 
 def retrieval_captions(scene: Scene, per_image: int) -> list[str]:
@@ -203,40 +162,3 @@ def retrieval_captions(scene: Scene, per_image: int) -> list[str]:
     ]
     captions = [scene.caption] + [c for c in extra if c != scene.caption]
     return captions[:per_image]
-
-
-def write_retrieval_shards(
-    output_uri: str, count: int, seed: int, size: int = 96, captions_per_image: int = 3, per_shard: int = 1000
-) -> int:
-    """Write `count` scenes as ingest shards for zero-shot retrieval: each sample's .txt holds its caption and
-    its .json a "captions" list of `captions_per_image` captions (the evaluator reads the list). Returns the
-    number of shards."""
-    from pipelines.ingest.writer import write_manifest, write_shard
-
-    shards = 0
-    for shard_id, start in enumerate(range(0, count, per_shard)):
-        rows = []
-        for index in range(start, min(start + per_shard, count)):
-            scene = make_scene(index, seed=seed, size=(size, size))
-            captions = retrieval_captions(scene, captions_per_image)
-            rows.append(
-                {
-                    "url": f"scene://{seed}/{index}",
-                    "caption": captions[0],
-                    "captions": captions,
-                    "key": f"{shard_id:05d}{index - start:04d}",
-                    "status": "success",
-                    "image": _jpeg(scene.image),
-                    "image_ext": "jpg",
-                    "width": size,
-                    "height": size,
-                    "original_width": size,
-                    "original_height": size,
-                    "row_index": index,
-                    "shard_id": shard_id,
-                }
-            )
-        write_shard(output_uri, shard_id, rows)
-        shards += 1
-    write_manifest(output_uri, expected_shards=shards)
-    return shards

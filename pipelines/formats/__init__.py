@@ -1,0 +1,1 @@
+"""The on-disk formats jobs hand each other: ingest shards and training checkpoints."""

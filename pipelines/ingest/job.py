@@ -32,7 +32,7 @@ from pipelines import failpoints, storage
 from pipelines.ingest import dedup, output, reader, writer
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.downloader import Downloader
-from pipelines.ingest.filters import FILTERED, SUCCESS, ClipScorer, FilterConfig, filter_reasons
+from pipelines.ingest.filters import FILTERED, SUCCESS, ClipScorer, filter_reasons
 from pipelines.ingest.resizer import Resizer
 
 DECODE_THREADS = 2
@@ -59,9 +59,8 @@ class ShardStager:
 
         # One decode thread per worker: Ray already runs a worker per core.
         cv2.setNumThreads(1)
-        self.downloader = Downloader(self.cfg.downloader_config())
-        self.resizer = Resizer(self.cfg.resizer_config())
-        self.filter_config = FilterConfig(**self.cfg.filters.model_dump(exclude={"clip_score"}))
+        self.downloader = Downloader(self.cfg.download)
+        self.resizer = Resizer(self.cfg)
 
     def stage(self, spec: reader.ShardSpec, url_duplicates: pa.Table) -> pa.Table:
         table = reader.read_shard(self.cfg, spec)
@@ -115,7 +114,7 @@ class ShardStager:
         )
         if image.status == SUCCESS:
             reasons = filter_reasons(
-                image.original_width, image.original_height, row["caption"], self.filter_config
+                image.original_width, image.original_height, row["caption"], self.cfg.filters
             )
             if reasons:
                 row.update(status=FILTERED, error_message="; ".join(reasons), image=None, image_ext=None)

@@ -237,3 +237,19 @@ def test_decode_and_download_budgets_reach_the_stage_configs():
     assert "HDR" not in defaults.allowed_formats
     # The YAML dump lists the formats and reads back the same.
     assert IngestConfig.from_yaml(cfg.to_yaml()) == cfg
+
+
+@pytest.mark.parametrize(
+    "removed", ["concurrency.resize_workers", "concurrency.write_workers", "concurrency.batch_size"]
+)
+def test_removed_knobs_are_refused_as_unknown_fields(tmp_path, removed):
+    # They were parsed but never read; a config that still sets one says so rather than being ignored.
+    section, name = removed.split(".")
+    config_file = tmp_path / "ingest.yaml"
+    config_file.write_text(yaml.safe_dump({"input": "a", "output": "b", section: {name: 4}}))
+    for argv in (["--config", str(config_file)], REQUIRED + ["--set", f"{removed}=4"]):
+        with pytest.raises(ConfigError) as error:
+            load_config(argv)
+        assert str(error.value) == f"Invalid ingest config: {removed} is not a known field (misspelt?)."
+    flag = "--" + name.replace("_", "-")
+    assert flag not in {opt for action in build_arg_parser()._actions for opt in action.option_strings}

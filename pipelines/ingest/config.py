@@ -29,9 +29,6 @@ class ConcurrencyConfig(Section):
     """Ray Data knobs; None lets Ray size the stage to the cluster."""
 
     download_workers: int | None = Field(None, gt=0)
-    resize_workers: int | None = Field(None, gt=0)
-    write_workers: int | None = Field(None, gt=0)
-    batch_size: int = Field(256, gt=0)  # rows per Ray Data batch between stages
 
 
 class _InputOutput(Section):
@@ -134,9 +131,6 @@ _OPTIONS = (
     ("clip-score-checkpoint", "filters.clip_score.checkpoint", "enable the CLIP-score filter with this"),
     ("clip-score-threshold", "filters.clip_score.threshold", "minimum image-text cosine similarity"),
     ("download-workers", "concurrency.download_workers", "Ray workers downloading"),
-    ("resize-workers", "concurrency.resize_workers", "Ray workers resizing"),
-    ("write-workers", "concurrency.write_workers", "Ray workers writing shards"),
-    ("batch-size", "concurrency.batch_size", "rows per Ray Data batch"),
     ("mlflow-experiment", "mlflow_experiment", "MLflow experiment to log the run to"),
 )
 _SWITCHES = (

@@ -1,28 +1,20 @@
-"""The ingest config: YAML + command-line overrides, validation messages, YAML round trip, and agreement with
-the stage configs (downloader, resizer) and img2dataset's defaults."""
+"""The ingest config: YAML + command-line overrides, validation messages, YAML round trip, the stages' own
+sections composed into it, and img2dataset's defaults."""
 
-import dataclasses
 import inspect
 import math
 import os
-import typing
 
 import pytest
 import yaml
 
 from pipelines.config import ConfigError
-from pipelines.ingest import downloader, image_headers, resizer
-from pipelines.ingest.config import (
-    DEFAULT_ALLOWED_FORMATS,
-    DEFAULT_MAX_JPEG_SCANS,
-    ENCODE_QUALITY_RANGES,
-    ImageFormat,
-    IngestConfig,
-    Interpolation,
-    ResizeMode,
-    build_arg_parser,
-    load_config,
-)
+from pipelines.ingest import image_headers
+from pipelines.ingest.config import IngestConfig, build_arg_parser, load_config
+from pipelines.ingest.dedup import DedupConfig
+from pipelines.ingest.downloader import DownloaderConfig
+from pipelines.ingest.filters import FilterConfig
+from pipelines.ingest.resizer import Resizer, ResizerConfig
 
 REQUIRED = ["--input", "in/urls.parquet", "--output", "out"]
 
@@ -210,29 +202,19 @@ def test_dump_round_trips_verbatim(tmp_path):
     assert load_config(["--config", str(dumped)]).to_yaml() == text
 
 
-def test_choices_agree_with_the_resizer():
-    assert set(typing.get_args(ResizeMode)) == set(resizer.RESIZE_MODES)
-    assert set(typing.get_args(Interpolation)) == set(resizer.INTERPOLATIONS)
-    assert typing.get_args(ImageFormat) == image_headers.CHECKED_FORMATS
-    assert tuple(DEFAULT_ALLOWED_FORMATS) == image_headers.DEFAULT_ALLOWED_FORMATS
-    assert DEFAULT_MAX_JPEG_SCANS == image_headers.DEFAULT_MAX_JPEG_SCANS
-    for fmt, (low, high, default) in ENCODE_QUALITY_RANGES.items():
-        assert resizer.ENCODERS[fmt][2] == (low, high) and resizer.ENCODERS[fmt][3] == default
-
-
-def test_stage_configs_built_from_the_ingest_config():
+def test_each_stage_reads_its_own_section_of_the_ingest_config():
     cfg = load_config(
         REQUIRED + ["--image-size", "64", "--output-format", "webp", "--allow-private-networks"]
     )
-    resize = cfg.resizer_config()
-    assert (resize.image_size, resize.encode_format, resize.encode_quality) == (64, "webp", 95)
-    download = cfg.downloader_config()
-    assert download.allow_private_networks and download.timeout_s == 30
-    # Where the ingest config says nothing, the downloader's own defaults hold; where it does, they agree.
-    defaults = downloader.DownloaderConfig()
-    for field in dataclasses.fields(defaults):
-        if field.name in type(cfg.download).model_fields and field.name != "allow_private_networks":
-            assert getattr(download, field.name) == getattr(defaults, field.name), field.name
+    # The resizer's knobs sit at the top level of the YAML; the others under their stage's name.
+    assert isinstance(cfg, ResizerConfig)
+    assert Resizer(cfg).config.image_size == 64 and (cfg.output_format, cfg.encode_quality) == ("webp", 95)
+    assert isinstance(cfg.download, DownloaderConfig) and isinstance(cfg.filters, FilterConfig)
+    assert isinstance(cfg.dedup, DedupConfig)
+    assert cfg.download.allow_private_networks and cfg.download.timeout_s == 30
+    # A section built alone and the same section inside the ingest config are the same thing.
+    assert cfg.download == DownloaderConfig(allow_private_networks=True)
+    assert load_config(REQUIRED).filters == FilterConfig() and load_config(REQUIRED).dedup == DedupConfig()
 
 
 def test_decode_and_download_budgets_reach_the_stage_configs():
@@ -247,12 +229,27 @@ def test_decode_and_download_budgets_reach_the_stage_configs():
             str(1 << 28),
         ]
     )
-    assert cfg.allowed_formats == ["JPEG", "PNG", "HDR"]
-    resize = cfg.resizer_config()
-    assert (resize.allowed_formats, resize.max_jpeg_scans) == (("JPEG", "PNG", "HDR"), 40)
-    assert cfg.downloader_config().max_bytes_in_flight == 1 << 28
+    assert cfg.allowed_formats == ["JPEG", "PNG", "HDR"] and cfg.max_jpeg_scans == 40
+    assert cfg.download.max_bytes_in_flight == 1 << 28
     defaults = load_config(REQUIRED)
-    assert defaults.resizer_config().allowed_formats == image_headers.DEFAULT_ALLOWED_FORMATS
+    assert tuple(defaults.allowed_formats) == image_headers.DEFAULT_ALLOWED_FORMATS
+    assert defaults.max_jpeg_scans == image_headers.DEFAULT_MAX_JPEG_SCANS
     assert "HDR" not in defaults.allowed_formats
     # The YAML dump lists the formats and reads back the same.
     assert IngestConfig.from_yaml(cfg.to_yaml()) == cfg
+
+
+@pytest.mark.parametrize(
+    "removed", ["concurrency.resize_workers", "concurrency.write_workers", "concurrency.batch_size"]
+)
+def test_removed_knobs_are_refused_as_unknown_fields(tmp_path, removed):
+    # They were parsed but never read; a config that still sets one says so rather than being ignored.
+    section, name = removed.split(".")
+    config_file = tmp_path / "ingest.yaml"
+    config_file.write_text(yaml.safe_dump({"input": "a", "output": "b", section: {name: 4}}))
+    for argv in (["--config", str(config_file)], REQUIRED + ["--set", f"{removed}=4"]):
+        with pytest.raises(ConfigError) as error:
+            load_config(argv)
+        assert str(error.value) == f"Invalid ingest config: {removed} is not a known field (misspelt?)."
+    flag = "--" + name.replace("_", "-")
+    assert flag not in {opt for action in build_arg_parser()._actions for opt in action.option_strings}

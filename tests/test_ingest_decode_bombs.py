@@ -83,7 +83,8 @@ RESIZER_CHILD = r"""
 import json, resource, sys
 from pathlib import Path
 from PIL import Image
-from pipelines.ingest.resizer import DEFAULT_ALLOWED_FORMATS, Resizer, ResizerConfig
+from pipelines.ingest.image_headers import DEFAULT_ALLOWED_FORMATS
+from pipelines.ingest.resizer import Resizer, ResizerConfig
 from tests.image_bombs import encoded
 
 def peak_mb():

@@ -7,6 +7,7 @@ import ipaddress
 import socket
 import threading
 import time
+from dataclasses import replace
 from urllib.parse import quote
 
 import pytest
@@ -20,6 +21,7 @@ from pipelines.ingest.downloader import (
     DownloaderConfig,
     GuardedResolver,
     RefusedAddressError,
+    RetryPacing,
     address_refusal,
     check_url,
     parse_retry_after,
@@ -28,7 +30,8 @@ from pipelines.ingest.downloader import (
 from tests.http_fixtures import HttpTestServer
 
 # The test server lives on loopback, so every downloader that talks to it must allow private networks.
-FAST = dict(allow_private_networks=True, timeout_s=10.0, backoff_base_s=0.05, backoff_max_s=0.2)
+FAST = dict(allow_private_networks=True, timeout_s=10.0)
+QUICK_RETRIES = RetryPacing(backoff_base_s=0.05, backoff_max_s=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def downloader():
-    with Downloader(DownloaderConfig(**FAST)) as d:
+    with Downloader(DownloaderConfig(**FAST), QUICK_RETRIES) as d:
         yield d
 
 
@@ -358,19 +361,18 @@ def test_429_honours_retry_after(server, downloader):
 
 
 def test_retry_after_capped_and_bounded_by_deadline(server):
-    config = DownloaderConfig(**{**FAST, "max_retry_after_s": 0.1})
-    with Downloader(config) as d:
+    with Downloader(DownloaderConfig(**FAST), replace(QUICK_RETRIES, max_retry_after_s=0.1)) as d:
         result = download_one(d, server.url("/flaky/capped?fail=1&code=429&retry_after=3600"))
     assert result.status == SUCCESS and result.attempts == 2
-    config = DownloaderConfig(**{**FAST, "timeout_s": 1.0, "max_retry_after_s": 60})
-    with Downloader(config) as d:
+    config = DownloaderConfig(**{**FAST, "timeout_s": 1.0})
+    with Downloader(config, replace(QUICK_RETRIES, max_retry_after_s=60)) as d:
         result = download_one(d, server.url("/flaky/no-time?fail=1&code=503&retry_after=30"))
     assert_failed(result, "HTTP 503", "no time left")
     assert server.hits["flaky/no-time"] == 1
 
 
 def test_slow_drip_cut_off_at_deadline(server):
-    with Downloader(DownloaderConfig(**{**FAST, "timeout_s": 2.0})) as d:
+    with Downloader(DownloaderConfig(**{**FAST, "timeout_s": 2.0}), QUICK_RETRIES) as d:
         started = time.monotonic()
         result = download_one(d, server.url("/slow-drip"))
         took = time.monotonic() - started
@@ -410,13 +412,13 @@ def test_redirect_to_unsupported_scheme_refused(server, downloader):
 
 
 def test_oversize_body_with_content_length_refused(server):
-    with Downloader(DownloaderConfig(**{**FAST, "max_body_bytes": 64 * 1024})) as d:
+    with Downloader(DownloaderConfig(**{**FAST, "max_body_bytes": 64 * 1024}), QUICK_RETRIES) as d:
         result = download_one(d, server.url(f"/big?size={200 * 1024}"))
     assert_failed(result, "body too large", "Content-Length 204800")
 
 
 def test_oversize_body_without_content_length_cut_while_streaming(server):
-    with Downloader(DownloaderConfig(**{**FAST, "max_body_bytes": 64 * 1024})) as d:
+    with Downloader(DownloaderConfig(**{**FAST, "max_body_bytes": 64 * 1024}), QUICK_RETRIES) as d:
         result = download_one(d, server.url(f"/big?size={4 * 1024 * 1024}&chunked=1"))
         within_limit = download_one(d, server.url(f"/big?size={60 * 1024}&chunked=1"))
     assert_failed(result, "body too large", "streamed")
@@ -432,7 +434,7 @@ def test_x_robots_tag_noai_honoured_by_default_and_ignorable(server, downloader)
         downloader, server.url("/robots?tag=" + quote("clip-ray-ingest: noimageai"))
     )
     assert_failed(addressed_to_us, "noimageai")
-    with Downloader(DownloaderConfig(**{**FAST, "respect_x_robots_tag": False})) as d:
+    with Downloader(DownloaderConfig(**{**FAST, "respect_x_robots_tag": False}), QUICK_RETRIES) as d:
         assert download_one(d, url).status == SUCCESS
 
 
@@ -451,7 +453,7 @@ def test_refused_connection_is_failure():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     # Nothing listens on the port any more.
-    with Downloader(DownloaderConfig(**FAST)) as d:
+    with Downloader(DownloaderConfig(**FAST), QUICK_RETRIES) as d:
         result = download_one(d, f"http://127.0.0.1:{port}/a.jpg")
     assert_failed(result, "cannot connect")
     assert result.attempts == 1
@@ -525,7 +527,7 @@ def test_batch_of_mixed_urls_keeps_input_order_and_reuses_connections(server):
             urls.append(f"ftp://example.com/{i}.jpg" if i % 2 else f"http://[bad{i}")
             expected.append((FAILED_TO_DOWNLOAD, None))
     server.reset_counters()
-    with Downloader(DownloaderConfig(**{**FAST, "max_in_flight": 64, "max_per_host": 8})) as d:
+    with Downloader(DownloaderConfig(**{**FAST, "max_in_flight": 64, "max_per_host": 8}), QUICK_RETRIES) as d:
         results = d.download_batch(urls)
     assert [r.url for r in results] == urls
     assert [(r.status, r.body) for r in results] == expected
@@ -536,7 +538,7 @@ def test_batch_of_mixed_urls_keeps_input_order_and_reuses_connections(server):
 
 def test_async_core_usable_inside_an_event_loop(server):
     async def main():
-        async with AsyncDownloader(DownloaderConfig(**FAST)) as d:
+        async with AsyncDownloader(DownloaderConfig(**FAST), QUICK_RETRIES) as d:
             return await d.download_many([server.url("/image.jpg"), "gopher://x/"])
 
     good, bad = asyncio.run(main())
@@ -558,7 +560,7 @@ def settled(downloader: Downloader, timeout_s: float = 10.0) -> ByteBudget:
 
 
 def test_budget_must_hold_the_largest_body():
-    with pytest.raises(ValueError, match=r"max_bytes_in_flight \(1048576\) must be at least max_body_bytes"):
+    with pytest.raises(ValueError, match=r"max_bytes_in_flight \(1048576\) is below download.max_body_bytes"):
         DownloaderConfig(max_body_bytes=2 * MIB, max_bytes_in_flight=MIB)
     DownloaderConfig(max_body_bytes=MIB, max_bytes_in_flight=MIB)
 
@@ -595,7 +597,7 @@ def test_stream_keeps_undecoded_bodies_within_the_budget_and_waits_rather_than_f
     releaser = threading.Thread(target=release_when_quiet, daemon=True)
     releaser.start()
     arrived = []
-    with Downloader(cfg) as d:
+    with Downloader(cfg, QUICK_RETRIES) as d:
         for index, result in d.stream(urls):
             with lock:
                 arrived.append((index, result.status, result.error_message))
@@ -620,7 +622,7 @@ def test_one_body_may_fill_the_whole_budget_without_deadlock(server):
         **{**FAST, "timeout_s": 60.0, "max_body_bytes": 256 * 1024, "max_bytes_in_flight": 256 * 1024}
     )
     urls = [server.url(f"/big?size={200 * 1024}&chunked=1&n={i}") for i in range(10)]
-    with Downloader(cfg) as d:
+    with Downloader(cfg, QUICK_RETRIES) as d:
         statuses = []
         for _, result in d.stream(urls):
             statuses.append(result.status)
@@ -634,7 +636,7 @@ def test_one_body_may_fill_the_whole_budget_without_deadlock(server):
 def test_results_dropped_or_left_behind_give_their_bytes_back(server):
     cfg = DownloaderConfig(**{**FAST, "max_body_bytes": MIB, "max_bytes_in_flight": 2 * MIB})
     urls = [server.url(f"/big?size={MIB // 2}&n={i}") for i in range(8)]
-    with Downloader(cfg) as d:
+    with Downloader(cfg, QUICK_RETRIES) as d:
         # Dropped without release(): collecting the result gives the bytes back, so the stream goes on.
         assert sum(1 for _ in d.stream(urls)) == 8
         gc.collect()

@@ -198,6 +198,21 @@ def test_a_resumed_run_with_other_operational_settings_is_accepted(tmp_path):
     assert shards.committed_shards(out) == {0}
 
 
+def test_an_output_fingerprinted_before_a_field_was_added_is_still_recognised(tmp_path):
+    # Fingerprints written before filters.max_caption_words was a config field do not name it.
+    out, input_uri = str(tmp_path / "out"), write_urls(tmp_path / "urls.parquet")
+    output.prepare(config(input_uri, out))
+    fingerprint = Path(out) / output.FINGERPRINT_NAME
+    recorded = json.loads(fingerprint.read_text())
+    del recorded["config"]["filters.max_caption_words"]
+    fingerprint.write_text(json.dumps(recorded))
+    fake_shard(out)
+    output.prepare(config(input_uri, out))
+    assert writer.committed_shards(out) == {0}
+    with pytest.raises(ConfigError, match="filters.max_caption_words was None, now 5"):
+        output.prepare(config(input_uri, out, "--set", "filters.max_caption_words=5"))
+
+
 def test_shards_without_a_fingerprint_are_not_adopted(tmp_path):
     out, input_uri = str(tmp_path / "out"), write_urls(tmp_path / "urls.parquet")
     fake_shard(out)

@@ -59,7 +59,7 @@ def quadrants(width: int, height: int) -> np.ndarray:
     return pixels
 
 
-LOSSLESS = ResizerConfig(resize_mode="no", encode_format="png")
+LOSSLESS = ResizerConfig(resize_mode="no", output_format="png")
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,7 @@ def test_exif_orientation_with_reduced_decode_resizes_the_upright_image(orientat
         ("keep_ratio_largest", (100, 50)),
         ("center_crop", (100, 100)),
     ]:
-        result = Resizer(ResizerConfig(image_size=100, resize_mode=mode, encode_format="png"))(raw)
+        result = Resizer(ResizerConfig(image_size=100, resize_mode=mode, output_format="png"))(raw)
         pixels = decode_output(result)
         assert (result.width, result.height) == size
         expected = cv2.resize(
@@ -214,7 +214,7 @@ def test_cmyk_jpeg_decodes_to_rgb():
     cmyk = Image.new("CMYK", (40, 30), (0, 255, 255, 0))  # no cyan, full magenta and yellow: red
     raw = encoded(cmyk, "JPEG", quality=95)
     assert Image.open(io.BytesIO(raw)).mode == "CMYK"
-    for config in (LOSSLESS, ResizerConfig(image_size=8, resize_mode="keep_ratio", encode_format="png")):
+    for config in (LOSSLESS, ResizerConfig(image_size=8, resize_mode="keep_ratio", output_format="png")):
         pixels = decode_output(Resizer(config)(raw))
         assert np.abs(pixels - np.array(RED)).max() <= 3
 
@@ -233,7 +233,7 @@ def test_radiance_hdr_is_refused_by_default_and_decoded_by_opencv_when_allowed()
     result = Resizer(LOSSLESS)(raw)
     assert result.status == "failed_to_decode"
     assert result.error_message.startswith("format HDR is not allowed")
-    allowed = ResizerConfig(resize_mode="no", encode_format="png", allowed_formats=("jpeg", "hdr"))
+    allowed = ResizerConfig(resize_mode="no", output_format="png", allowed_formats=("jpeg", "hdr"))
     result = Resizer(allowed)(raw)
     pixels = decode_output(result)
     assert (result.width, result.height) == (16, 12)
@@ -358,9 +358,9 @@ def test_reduced_decode_is_close_to_full_decode_then_resize(mode, size):
     # 1700 and 1001 are not multiples of 8: the reduced decode ends in partial pixels that must be honoured.
     source = photo_like(*size, seed=1)
     raw = encoded(Image.fromarray(source), "JPEG", quality=92)
-    reduced = Resizer(ResizerConfig(image_size=200, resize_mode=mode, encode_format="png"))(raw)
+    reduced = Resizer(ResizerConfig(image_size=200, resize_mode=mode, output_format="png"))(raw)
     full = Resizer(
-        ResizerConfig(image_size=200, resize_mode=mode, encode_format="png", reduced_decode=False)
+        ResizerConfig(image_size=200, resize_mode=mode, output_format="png"), reduced_decode=False
     )(raw)
     assert (reduced.width, reduced.height) == (full.width, full.height)
     reduced_pixels, full_pixels = decode_output(reduced), decode_output(full)
@@ -382,7 +382,7 @@ def test_output_formats_and_quality():
     raw = encoded(Image.fromarray(photo_like(400, 300)), "JPEG", quality=95)
     magic = {"jpg": b"\xff\xd8\xff", "png": b"\x89PNG", "webp": b"RIFF"}
     for fmt in magic:
-        result = Resizer(ResizerConfig(image_size=100, resize_mode="keep_ratio", encode_format=fmt))(raw)
+        result = Resizer(ResizerConfig(image_size=100, resize_mode="keep_ratio", output_format=fmt))(raw)
         assert result.format == fmt and result.image.startswith(magic[fmt])
         assert (result.width, result.height) == (133, 100)
     small = Resizer(ResizerConfig(image_size=100, resize_mode="keep_ratio", encode_quality=20))(raw)
@@ -394,9 +394,9 @@ def test_invalid_config_is_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="resize_mode"):
         ResizerConfig(resize_mode="stretch")
     with pytest.raises(ValueError, match="compression level"):
-        ResizerConfig(encode_format="png", encode_quality=95)
-    with pytest.raises(ValueError, match="encode_format"):
-        ResizerConfig(encode_format="gif")
+        ResizerConfig(output_format="png", encode_quality=95)
+    with pytest.raises(ValueError, match="output_format"):
+        ResizerConfig(output_format="gif")
     with pytest.raises(ValueError, match="interpolation"):
         ResizerConfig(downscale_interpolation="fancy")
 

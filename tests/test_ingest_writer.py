@@ -138,7 +138,7 @@ def test_ray_data_reads_the_shard(tmp_path, monkeypatch):
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     rows = shard_rows()
-    # One image format per shard, as a run has one encode_format: Ray Data cannot read a shard whose
+    # One image format per shard, as a run has one output_format: Ray Data cannot read a shard whose
     # samples have different image extensions (the missing column of each sample breaks its block).
     rows[2]["image"], rows[2]["image_ext"] = encoded_image((0, 0, 0), "jpg", (8, 8)), "jpg"
     writer.write_shard(str(tmp_path / "out"), 3, rows)

@@ -13,6 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.config import Section
 from pipelines.formats.shards import DUPLICATE, SUCCESS
 
 # What each kind of deduplication compares, and how its message names it.
@@ -23,6 +24,13 @@ KEY_DESCRIPTIONS = {"url": "url", "content": "image bytes (sha256)"}
 DUPLICATES_SCHEMA = pa.schema(
     [("row_index", pa.int64()), ("kept_row_index", pa.int64()), ("kept_key", pa.string())]
 )
+
+
+class DedupConfig(Section):
+    """The `dedup` section of the ingest config."""
+
+    urls: bool = True  # drop rows whose URL appeared earlier in input order
+    content: bool = True  # drop images whose bytes (sha256) appeared earlier in input order
 
 
 def _object_array(values: Any) -> np.ndarray:

@@ -24,14 +24,21 @@ from typing import Any
 import aiohttp
 import aiohttp.abc
 import aiohttp.resolver
+from pydantic import Field, field_validator, model_validator
 from yarl import URL
 
+from pipelines.config import Section
 from pipelines.formats.shards import FAILED_TO_DOWNLOAD, SUCCESS
 
 USER_AGENT_VERSION = "0.1"
-DEFAULT_CONTACT_URL = "https://github.com/clip-ray/clip-ray"
+CONTACT_URL = "https://github.com/clip-ray/clip-ray"
 # img2dataset's default opt-out set, so that both tools honour the same publisher wishes.
-DEFAULT_X_ROBOTS_TAG_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+X_ROBOTS_TAG_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+MAX_URL_LENGTH = 4096
+DNS_CACHE_TTL_S = 300.0
+# Without aiodns, lookups are blocking getaddrinfo calls in threads; with many distinct hosts, DNS is often
+# the bottleneck, so the sync Downloader gives its loop this many resolver threads.
+DNS_THREADS = 32
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # 501 and 505 say the server will never serve this request; other 5xx are worth another try.
@@ -58,82 +65,63 @@ IPV4_COMPATIBLE_NETWORK = ipaddress.ip_network("::/96")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-@dataclass(frozen=True)
-class DownloaderConfig:
-    """How the downloader behaves. Times are seconds, sizes bytes."""
+class DownloaderConfig(Section):
+    """The `download` section of the ingest config, and how the downloader behaves. Times are seconds, sizes
+    bytes."""
 
     # Total deadline for one URL: every attempt, redirect, body byte and backoff sleep included.
-    timeout_s: float = 30.0
+    timeout_s: float = Field(30.0, gt=0, le=300)
     # Per-attempt limits inside the deadline; hitting one is transient, so the attempt is retried.
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 10.0  # longest silence allowed between two reads of the body
-    max_body_bytes: int = 32 * 1024 * 1024
-    max_redirects: int = 5
-    max_retries: int = 2
-    backoff_base_s: float = 0.5
-    backoff_max_s: float = 8.0
-    max_retry_after_s: float = 10.0
+    connect_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(10.0, gt=0)  # longest silence allowed between two reads of the body
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    max_redirects: int = Field(5, ge=0)
+    max_retries: int = Field(2, ge=0)
     user_agent_token: str = "clip-ray-ingest"
-    contact_url: str = DEFAULT_CONTACT_URL
     respect_x_robots_tag: bool = True
-    x_robots_tag_directives: tuple[str, ...] = DEFAULT_X_ROBOTS_TAG_DIRECTIVES
     # Loopback/private/link-local/CGNAT targets are refused unless this is set (tests, intranet mirrors).
     # Cloud metadata addresses stay refused regardless.
     allow_private_networks: bool = False
-    max_in_flight: int = 256
-    max_per_host: int = 16
+    max_in_flight: int = Field(256, gt=0)  # concurrent requests per downloader
+    max_per_host: int = Field(16, ge=0)  # 0 = no per-host limit
     # Bytes of bodies held at once, streaming or handed out and not yet released (see ByteBudget). At least
-    # max_body_bytes, so that any body accepted fits.
-    max_bytes_in_flight: int = 1 << 30
-    max_url_length: int = 4096
-    verify_tls: bool = True
-    dns_cache_ttl_s: float = 300.0
-    # Without aiodns, lookups are blocking getaddrinfo calls in threads; with many distinct hosts, DNS
-    # is often the bottleneck, so the sync Downloader gives its loop this many resolver threads.
-    dns_threads: int = 32
+    # max_body_bytes, so that any body accepted fits; downloads wait for room rather than fail.
+    max_bytes_in_flight: int = Field(1 << 30, gt=0)
 
-    def __post_init__(self) -> None:
-        positive = (
-            "timeout_s",
-            "connect_timeout_s",
-            "read_timeout_s",
-            "max_body_bytes",
-            "max_in_flight",
-            "max_bytes_in_flight",
-            "max_url_length",
-            "dns_threads",
-        )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"DownloaderConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        non_negative = (
-            "max_redirects",
-            "max_retries",
-            "backoff_base_s",
-            "backoff_max_s",
-            "max_retry_after_s",
-        )
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise ValueError(f"DownloaderConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.max_per_host < 0:
-            raise ValueError(
-                f"DownloaderConfig.max_per_host must be >= 0 (0 = no limit), got {self.max_per_host}"
-            )
+    @field_validator("user_agent_token")
+    @classmethod
+    def _one_word(cls, value: str) -> str:
+        if not value.strip() or any(c.isspace() or c in ",:;()" for c in value):
+            raise ValueError("must be one word without spaces or ,:;()")
+        return value
+
+    @model_validator(mode="after")
+    def _budget_holds_a_body(self) -> DownloaderConfig:
         if self.max_bytes_in_flight < self.max_body_bytes:
             raise ValueError(
-                f"DownloaderConfig.max_bytes_in_flight ({self.max_bytes_in_flight}) must be at least "
-                f"max_body_bytes ({self.max_body_bytes}), so that the largest body accepted fits"
+                f"download.max_bytes_in_flight ({self.max_bytes_in_flight}) is below download.max_body_bytes "
+                f"({self.max_body_bytes}); it must hold at least one body of the largest size accepted"
             )
-        token = self.user_agent_token.strip()
-        if not token or any(c.isspace() or c in ",:;()" for c in token):
-            raise ValueError(
-                f"DownloaderConfig.user_agent_token must be one word without ,:;() (got {self.user_agent_token!r})"
-            )
+        return self
 
     @property
     def user_agent(self) -> str:
-        return f"Mozilla/5.0 (compatible; {self.user_agent_token}/{USER_AGENT_VERSION}; +{self.contact_url})"
+        return f"Mozilla/5.0 (compatible; {self.user_agent_token}/{USER_AGENT_VERSION}; +{CONTACT_URL})"
+
+
+@dataclass(frozen=True)
+class RetryPacing:
+    """How long to wait before retrying: exponential backoff with jitter, or what the server's Retry-After
+    asks for, capped. Not a config knob: the defaults hold in every run, tests shorten them."""
+
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 8.0
+    max_retry_after_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("backoff_base_s", "backoff_max_s", "max_retry_after_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"RetryPacing.{name} must be >= 0, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -451,8 +439,8 @@ def check_url(url: Any, config: DownloaderConfig) -> tuple[URL | None, str | Non
     if not isinstance(url, str) or not url.strip():
         return None, "empty URL"
     url = url.strip()
-    if len(url) > config.max_url_length:
-        return None, f"URL is {len(url)} characters long (limit {config.max_url_length})"
+    if len(url) > MAX_URL_LENGTH:
+        return None, f"URL is {len(url)} characters long (limit {MAX_URL_LENGTH})"
     try:
         parsed = URL(url)
         scheme = parsed.scheme.lower()
@@ -542,8 +530,9 @@ class AsyncDownloader:
     """The asyncio core: one ClientSession (shared connection pool, guarded resolver) per event loop.
     Use as `async with AsyncDownloader(config) as d: results = await d.download_many(urls)`."""
 
-    def __init__(self, config: DownloaderConfig | None = None):
+    def __init__(self, config: DownloaderConfig | None = None, pacing: RetryPacing | None = None):
         self.config = config if config is not None else DownloaderConfig()
+        self.pacing = pacing if pacing is not None else RetryPacing()
         self.session: aiohttp.ClientSession | None = None
         self._slots: asyncio.Semaphore | None = None
         self.budget = ByteBudget(self.config.max_bytes_in_flight)
@@ -554,8 +543,7 @@ class AsyncDownloader:
             resolver=GuardedResolver(cfg.allow_private_networks),
             limit=cfg.max_in_flight,
             limit_per_host=cfg.max_per_host,
-            ttl_dns_cache=cfg.dns_cache_ttl_s,
-            ssl=None if cfg.verify_tls else False,
+            ttl_dns_cache=DNS_CACHE_TTL_S,
         )
         self.session = aiohttp.ClientSession(
             connector=connector,
@@ -684,11 +672,11 @@ class AsyncDownloader:
             )
 
     def _retry_delay(self, attempts_so_far: int, retry_after: float | None) -> float:
-        cfg = self.config
+        pacing = self.pacing
         if retry_after is not None:
-            return min(retry_after, cfg.max_retry_after_s)
+            return min(retry_after, pacing.max_retry_after_s)
         # Exponential backoff with jitter, so that workers hit by the same outage do not retry in lockstep.
-        ceiling = min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** (attempts_so_far - 1))
+        ceiling = min(pacing.backoff_max_s, pacing.backoff_base_s * 2 ** (attempts_so_far - 1))
         return ceiling * random.uniform(0.5, 1.0)
 
     async def _attempt(self, start_url: URL) -> _Attempt:
@@ -777,7 +765,7 @@ class AsyncDownloader:
             return done
         if cfg.respect_x_robots_tag:
             directive = x_robots_tag_opt_out(
-                response.headers.getall("X-Robots-Tag", []), cfg.user_agent_token, cfg.x_robots_tag_directives
+                response.headers.getall("X-Robots-Tag", []), cfg.user_agent_token, X_ROBOTS_TAG_DIRECTIVES
             )
             if directive is not None:
                 done.error_message = f"use of this image is disallowed by X-Robots-Tag: {directive}"
@@ -820,19 +808,17 @@ class Downloader:
     """Synchronous front for Ray Data and tests: owns an event loop in a background thread and one
     AsyncDownloader on it, so connections are reused across batches. Call close() (or use `with`)."""
 
-    def __init__(self, config: DownloaderConfig | None = None):
+    def __init__(self, config: DownloaderConfig | None = None, pacing: RetryPacing | None = None):
         self.config = config if config is not None else DownloaderConfig()
         self._loop = asyncio.new_event_loop()
         self._loop.set_default_executor(
-            concurrent.futures.ThreadPoolExecutor(
-                self.config.dns_threads, thread_name_prefix="downloader-dns"
-            )
+            concurrent.futures.ThreadPoolExecutor(DNS_THREADS, thread_name_prefix="downloader-dns")
         )
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="downloader-event-loop", daemon=True
         )
         self._thread.start()
-        self._core = AsyncDownloader(self.config)
+        self._core = AsyncDownloader(self.config, pacing)
         self._run(self._core.open())
 
     def _run(self, coroutine: Any) -> Any:

@@ -8,48 +8,59 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, field_validator, model_validator
 
+from pipelines.config import Section, check_uri
 from pipelines.formats.shards import FAILED_TO_DECODE, FILTERED, SUCCESS
 
 Batch = dict[str, np.ndarray] | pd.DataFrame
 
 
-@dataclass(frozen=True)
-class FilterConfig:
-    """Which pairs to keep. None, 0 or math.inf (as the ingest config writes it) turns a rule off. Sizes are on the original (upright) image, as in
-    img2dataset, so a filter means the same thing whatever the resize settings."""
+class ClipScoreConfig(Section):
+    """Keep a pair only if its image-text cosine similarity under a CLIP model reaches the threshold."""
 
-    min_image_size: int = 0  # shorter side in pixels; an image whose shorter side is smaller is dropped
-    max_image_area: int | None = None  # width * height in pixels
-    max_aspect_ratio: float | None = None  # max(w, h) / min(w, h); above it is dropped
+    checkpoint: str  # URI of a checkpoint in the project's format
+    model: str = "ViT-B-32"
+    threshold: float = Field(0.3, ge=-1.0, le=1.0)  # LAION-400M kept pairs with ViT-B/32 similarity >= 0.3
+    batch_size: int = Field(256, gt=0)
+    use_gpu: bool = False
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _uri_without_credentials(cls, value: str) -> str:
+        return check_uri(value)
+
+
+class FilterConfig(Section):
+    """The `filters` section of the ingest config: which pairs to keep. 0, None or math.inf turns a rule off.
+    Sizes are on the original (upright) image, as in img2dataset, so a filter means the same thing whatever
+    the resize settings."""
+
+    min_image_size: int = Field(0, ge=0)  # on the shorter side of the original image, as img2dataset
+    max_image_area: float = Field(math.inf, gt=0)  # width * height in pixels
+    max_aspect_ratio: float = Field(math.inf, ge=1.0)  # max(w, h) / min(w, h); above it is dropped
     # Caption length in characters, after stripping surrounding whitespace, and in whitespace-separated words.
-    min_caption_chars: int = 0
-    max_caption_chars: int | None = None
-    min_caption_words: int = 0
-    max_caption_words: int | None = None
+    min_caption_chars: int = Field(0, ge=0)
+    max_caption_chars: int | None = Field(None, ge=0)
+    min_caption_words: int = Field(0, ge=0)
+    max_caption_words: int | None = Field(None, ge=0)
+    clip_score: ClipScoreConfig | None = None
 
-    def __post_init__(self) -> None:
-        for name in ("min_image_size", "min_caption_chars", "min_caption_words"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_image_area", "max_caption_chars", "max_caption_words"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 or None, got {getattr(self, name)}")
-        if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1:
-            raise ValueError(
-                f"max_aspect_ratio must be >= 1 (it is long side / short side), got {self.max_aspect_ratio}"
-            )
+    @model_validator(mode="after")
+    def _caption_ranges(self) -> FilterConfig:
         for low, high in (
             ("min_caption_chars", "max_caption_chars"),
             ("min_caption_words", "max_caption_words"),
         ):
             if getattr(self, high) is not None and getattr(self, high) < getattr(self, low):
-                raise ValueError(f"{high} ({getattr(self, high)}) is below {low} ({getattr(self, low)})")
+                raise ValueError(
+                    f"filters.{high} ({getattr(self, high)}) is below filters.{low} ({getattr(self, low)})"
+                )
+        return self
 
 
 def _missing(value: Any) -> bool:
@@ -58,7 +69,7 @@ def _missing(value: Any) -> bool:
 
 
 def _shown(limit: float) -> str:
-    # Configs may give whole-number limits as floats (1e6); messages show them as the integers they are.
+    # Limits are floats (math.inf turns a rule off); messages show whole numbers as the integers they are.
     return str(int(limit)) if isinstance(limit, float) and limit.is_integer() else str(limit)
 
 
@@ -73,13 +84,13 @@ def filter_reasons(
         short, long = min(width, height), max(width, height)
         if short < config.min_image_size:
             reasons.append(f"image {width}x{height} is smaller than min_image_size {config.min_image_size}")
-        if config.max_image_area is not None and width * height > config.max_image_area:
+        if width * height > config.max_image_area:
             reasons.append(
                 f"image {width}x{height} has area {width * height}, "
                 f"above max_image_area {_shown(config.max_image_area)}"
             )
         ratio = math.inf if short == 0 else long / short
-        if config.max_aspect_ratio is not None and ratio > config.max_aspect_ratio:
+        if ratio > config.max_aspect_ratio:
             reasons.append(
                 f"image {width}x{height} has aspect ratio {ratio:.3g}, "
                 f"above max_aspect_ratio {_shown(config.max_aspect_ratio)}"

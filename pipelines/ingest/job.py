@@ -34,7 +34,7 @@ from pipelines.formats.shards import DUPLICATE, FILTERED, SUCCESS
 from pipelines.ingest import dedup, output, reader, writer
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.downloader import Downloader
-from pipelines.ingest.filters import ClipScorer, FilterConfig, filter_reasons
+from pipelines.ingest.filters import ClipScorer, filter_reasons
 from pipelines.ingest.resizer import Resizer
 
 DECODE_THREADS = 2
@@ -61,9 +61,8 @@ class ShardStager:
 
         # One decode thread per worker: Ray already runs a worker per core.
         cv2.setNumThreads(1)
-        self.downloader = Downloader(self.cfg.downloader_config())
-        self.resizer = Resizer(self.cfg.resizer_config())
-        self.filter_config = FilterConfig(**self.cfg.filters.model_dump(exclude={"clip_score"}))
+        self.downloader = Downloader(self.cfg.download)
+        self.resizer = Resizer(self.cfg)
 
     def stage(self, spec: reader.ShardSpec, url_duplicates: pa.Table) -> pa.Table:
         table = reader.read_shard(self.cfg, spec)
@@ -117,7 +116,7 @@ class ShardStager:
         )
         if image.status == SUCCESS:
             reasons = filter_reasons(
-                image.original_width, image.original_height, row["caption"], self.filter_config
+                image.original_width, image.original_height, row["caption"], self.cfg.filters
             )
             if reasons:
                 row.update(status=FILTERED, error_message="; ".join(reasons), image=None, image_ext=None)
@@ -164,8 +163,8 @@ def _from_ipc(data: bytes) -> pa.Table:
 class StageShards:
     """Ray Data UDF for step 3: one item is one shard; returns its counts by status."""
 
-    def __init__(self, cfg_yaml: str, specs: dict[int, reader.ShardSpec]):
-        self.cfg = IngestConfig.from_yaml(cfg_yaml)
+    def __init__(self, cfg: IngestConfig, specs: dict[int, reader.ShardSpec]):
+        self.cfg = cfg
         self.specs = specs
         self.stager = ShardStager(self.cfg)
 
@@ -183,8 +182,8 @@ class StageShards:
 class ScoreShards:
     """Ray Data actor-pool UDF for step 4: adds `clip_score` to a staged shard and filters below threshold."""
 
-    def __init__(self, cfg_yaml: str, device: str):
-        self.cfg = IngestConfig.from_yaml(cfg_yaml)
+    def __init__(self, cfg: IngestConfig, device: str):
+        self.cfg = cfg
         score = self.cfg.filters.clip_score
         self.scorer = ClipScorer(score.checkpoint, score.model, score.threshold, score.batch_size, device)
 
@@ -204,8 +203,8 @@ class ScoreShards:
 class WriteShards:
     """Ray Data UDF for step 6: marks content duplicates, writes and commits the final shard."""
 
-    def __init__(self, cfg_yaml: str):
-        self.cfg = IngestConfig.from_yaml(cfg_yaml)
+    def __init__(self, cfg: IngestConfig):
+        self.cfg = cfg
 
     def __call__(self, item: dict) -> dict:
         uri = writer.staged_uri(self.cfg.output, item["shard_id"])
@@ -223,8 +222,8 @@ class WriteShards:
 
 
 class ReadUrls:
-    def __init__(self, cfg_yaml: str, specs: dict[int, reader.ShardSpec]):
-        self.cfg = IngestConfig.from_yaml(cfg_yaml)
+    def __init__(self, cfg: IngestConfig, specs: dict[int, reader.ShardSpec]):
+        self.cfg = cfg
         self.specs = specs
 
     def __call__(self, batch: dict) -> pa.Table:
@@ -321,7 +320,6 @@ def run(cfg: IngestConfig) -> dict:
     storage.write_bytes(storage.join(cfg.output, "config.yaml"), cfg.to_yaml().encode())
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
-    cfg_yaml = cfg.to_yaml()
     workers = cfg.concurrency.download_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
 
     last = [time.time()]
@@ -348,7 +346,7 @@ def run(cfg: IngestConfig) -> dict:
     url_duplicates = dedup.DUPLICATES_SCHEMA.empty_table()
     if cfg.dedup.urls and to_stage:
         items = [{"shard_id": s} for s in sorted(specs)]
-        url_duplicates = run_wide_duplicates(ReadUrls(cfg_yaml, specs), items, "url", num_rows)
+        url_duplicates = run_wide_duplicates(ReadUrls(cfg, specs), items, "url", num_rows)
         phase("url dedup", f"{url_duplicates.num_rows} repeated urls")
         failpoints.reach("url_dedup.done")
     by_shard = split_by_shard(url_duplicates, cfg.samples_per_shard, to_stage)
@@ -359,7 +357,7 @@ def run(cfg: IngestConfig) -> dict:
         items = [{"shard_id": s, "url_duplicates": by_shard[s]} for s in to_stage]
         staging = ray.data.from_items(items).map(
             StageShards,
-            fn_constructor_kwargs={"cfg_yaml": cfg_yaml, "specs": specs},
+            fn_constructor_kwargs={"cfg": cfg, "specs": specs},
             concurrency=min(workers, len(items)),
             num_cpus=1,
             runtime_env={"env_vars": opencv_limits(cfg)},
@@ -376,7 +374,7 @@ def run(cfg: IngestConfig) -> dict:
         use_gpu = score.use_gpu and ray.cluster_resources().get("GPU", 0) > 0
         scoring = ray.data.from_items([{"shard_id": s} for s in pending]).map(
             ScoreShards,
-            fn_constructor_kwargs={"cfg_yaml": cfg_yaml, "device": "cuda" if use_gpu else "cpu"},
+            fn_constructor_kwargs={"cfg": cfg, "device": "cuda" if use_gpu else "cpu"},
             concurrency=max(1, int(ray.cluster_resources().get("GPU", 0))) if use_gpu else 1,
             num_gpus=1 if use_gpu else 0,
         )
@@ -397,7 +395,7 @@ def run(cfg: IngestConfig) -> dict:
         items = [{"shard_id": s, "content_duplicates": by_shard[s]} for s in pending]
         writing = ray.data.from_items(items).map(
             WriteShards,
-            fn_constructor_kwargs={"cfg_yaml": cfg_yaml},
+            fn_constructor_kwargs={"cfg": cfg},
             concurrency=min(workers, len(items)),
             num_cpus=1,
         )

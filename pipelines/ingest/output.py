@@ -195,6 +195,8 @@ def differences(recorded: dict[str, Any], current: dict[str, Any], limit: int = 
                     f"{_describe_version(now[uri])} now)"
                 )
     before, now = recorded.get("config", {}), current.get("config", {})
+    # A field absent from one side reads as None: an output fingerprinted before a field with a None default
+    # existed (filters.max_caption_words) is still recognised, as long as the new field is left unset.
     for name in sorted(set(before) | set(now)):
         if before.get(name) != now.get(name):
             found.append(f"{name} was {before.get(name)!r}, now {now.get(name)!r}")

@@ -13,15 +13,18 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from pydantic import Field, field_validator, model_validator
 
+from pipelines.config import Section
 from pipelines.formats.shards import FAILED_TO_DECODE, SUCCESS
 from pipelines.ingest import image_headers
 
-RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
+ResizeMode = Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"]
 # Same names as img2dataset's interpolation options.
 INTERPOLATIONS = {
     "nearest": cv2.INTER_NEAREST,
@@ -33,17 +36,21 @@ INTERPOLATIONS = {
     "lanczos": cv2.INTER_LANCZOS4,
     "lanczos4": cv2.INTER_LANCZOS4,
 }
+Interpolation = Literal[tuple(INTERPOLATIONS)]
 # Output format -> (OpenCV encoder extension, quality parameter, its range, default).
 # As in img2dataset, a PNG's "quality" is its zlib compression level.
+# In the order the config's error messages list them.
 ENCODERS = {
     "jpg": (".jpg", cv2.IMWRITE_JPEG_QUALITY, (0, 100), 95),
-    "webp": (".webp", cv2.IMWRITE_WEBP_QUALITY, (1, 100), 95),
     "png": (".png", cv2.IMWRITE_PNG_COMPRESSION, (0, 9), 3),
+    "webp": (".webp", cv2.IMWRITE_WEBP_QUALITY, (1, 100), 95),
 }
+OutputFormat = Literal[tuple(ENCODERS)]
+# Told from the bytes' signature (never the URL or Content-Type): the formats whose headers image_headers
+# checks before decoding.
+ImageFormat = Literal[image_headers.CHECKED_FORMATS]
 # Pillow's own default limit, made explicit so that it is ours to configure.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
-DEFAULT_ALLOWED_FORMATS = image_headers.DEFAULT_ALLOWED_FORMATS
-DEFAULT_MAX_JPEG_SCANS = image_headers.DEFAULT_MAX_JPEG_SCANS
 
 # EXIF orientation -> the transpose that makes the stored pixels upright. 5-8 swap width and height.
 _UPRIGHT = {
@@ -63,60 +70,51 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-@dataclass(frozen=True)
-class ResizerConfig:
-    """How images are resized and encoded; names and defaults as in img2dataset."""
+class ResizerConfig(Section):
+    """How images are decoded, resized and encoded; names and defaults as in img2dataset. These knobs sit at
+    the top level of the ingest config, which takes them by inheriting this class."""
 
-    image_size: int = 256
-    resize_mode: str = "border"
+    image_size: int = Field(256, gt=0)
+    resize_mode: ResizeMode = "border"
     resize_only_if_bigger: bool = False
-    upscale_interpolation: str = "lanczos"
-    downscale_interpolation: str = "area"
-    encode_format: str = "jpg"
-    # None: the format's default (95 for jpg and webp, compression 3 for png).
+    upscale_interpolation: Interpolation = "lanczos"
+    downscale_interpolation: Interpolation = "area"
+    output_format: OutputFormat = "jpg"
+    # None: the format's default (95 for jpg and webp, compression level 3 for png), stored once resolved so
+    # that the dumped config says exactly what ran.
     encode_quality: int | None = None
     # Images whose header claims more pixels than this are refused before any pixel is decoded. A decode
     # costs about 3 (JPEG) to 36 (WebP with alpha, flattened on white) bytes a pixel at its peak.
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    # Decode JPEGs at 1/2, 1/4 or 1/8 scale when the output is smaller anyway.
-    reduced_decode: bool = True
-    # Formats decoded, told by the bytes' signature (never the URL or Content-Type): any of
-    # image_headers.CHECKED_FORMATS. Everything else fails to decode, with the format's name.
-    allowed_formats: tuple[str, ...] = DEFAULT_ALLOWED_FORMATS
+    max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, gt=0)
+    # Anything else fails to decode, with the format's name ("format ICO is not allowed").
+    allowed_formats: list[ImageFormat] = Field(
+        default_factory=lambda: list(image_headers.DEFAULT_ALLOWED_FORMATS), min_length=1
+    )
     # Scans a progressive or arithmetic-coded JPEG may have: each costs a pass over every block.
-    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS
+    max_jpeg_scans: int = Field(image_headers.DEFAULT_MAX_JPEG_SCANS, gt=0)
 
-    def __post_init__(self) -> None:
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
-        if self.image_size < 1:
-            raise ValueError(f"image_size must be a positive number of pixels, got {self.image_size}")
-        for name in ("upscale_interpolation", "downscale_interpolation"):
-            if getattr(self, name) not in INTERPOLATIONS:
-                raise ValueError(
-                    f"{name} must be one of {sorted(INTERPOLATIONS)}, got {getattr(self, name)!r}"
-                )
-        if self.encode_format not in ENCODERS:
-            raise ValueError(f"encode_format must be one of {sorted(ENCODERS)}, got {self.encode_format!r}")
-        low, high = ENCODERS[self.encode_format][2]
-        if self.encode_quality is not None and not low <= self.encode_quality <= high:
-            what = "compression level" if self.encode_format == "png" else "quality"
+    @field_validator("allowed_formats", mode="before")
+    @classmethod
+    def _format_names(cls, value: Any) -> Any:
+        # "--allowed-formats jpeg,png" from the command line; names in any case.
+        if isinstance(value, str):
+            value = [part for part in value.replace(" ", ",").split(",") if part]
+        if isinstance(value, list | tuple):
+            return [item.upper() if isinstance(item, str) else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _encode_quality_in_range(self) -> ResizerConfig:
+        low, high = ENCODERS[self.output_format][2]
+        if self.encode_quality is None:
+            object.__setattr__(self, "encode_quality", ENCODERS[self.output_format][3])
+        elif not low <= self.encode_quality <= high:
+            what = "compression level" if self.output_format == "png" else "quality"
             raise ValueError(
-                f"encode_quality is the {what} for {self.encode_format} and must be in [{low}, {high}], "
-                f"got {self.encode_quality}"
+                f"encode_quality {self.encode_quality} is out of range: the {what} for {self.output_format} "
+                f"must be in [{low}, {high}]"
             )
-        if self.max_image_pixels < 1:
-            raise ValueError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
-        if self.max_jpeg_scans < 1:
-            raise ValueError(f"max_jpeg_scans must be positive, got {self.max_jpeg_scans}")
-        formats = tuple(name.upper() for name in self.allowed_formats)
-        unknown = [name for name in formats if name not in image_headers.CHECKED_FORMATS]
-        if unknown or not formats:
-            raise ValueError(
-                f"allowed_formats must be a non-empty list of {list(image_headers.CHECKED_FORMATS)} "
-                f"(the formats whose headers are checked before decoding), got {list(self.allowed_formats)}"
-            )
-        object.__setattr__(self, "allowed_formats", formats)
+        return self
 
 
 @dataclass
@@ -170,12 +168,13 @@ def output_size(width: int, height: int, config: ResizerConfig) -> tuple[int, in
 class Resizer:
     """Callable: raw downloaded bytes -> ResizeResult. Never raises on bad data."""
 
-    def __init__(self, config: ResizerConfig | None = None):
+    def __init__(self, config: ResizerConfig | None = None, reduced_decode: bool = True):
         self.config = config or ResizerConfig()
-        extension, quality_flag, _, default_quality = ENCODERS[self.config.encode_format]
-        quality = default_quality if self.config.encode_quality is None else self.config.encode_quality
+        # Decode JPEGs at 1/2, 1/4 or 1/8 scale when the output is smaller anyway; off only to compare.
+        self.reduced_decode = reduced_decode
+        extension, quality_flag, _, _ = ENCODERS[self.config.output_format]
         self._extension = extension
-        self._encode_params = [int(quality_flag), int(quality)]
+        self._encode_params = [int(quality_flag), int(self.config.encode_quality)]
 
     def __call__(self, raw: bytes) -> ResizeResult:
         sha256 = hashlib.sha256(raw).hexdigest()
@@ -186,7 +185,7 @@ class Resizer:
 
     def _failure(self, sha256: str, message: str) -> ResizeResult:
         return ResizeResult(
-            FAILED_TO_DECODE, message, None, None, None, None, None, sha256, self.config.encode_format
+            FAILED_TO_DECODE, message, None, None, None, None, None, sha256, self.config.output_format
         )
 
     def _resize(self, raw: bytes, sha256: str) -> ResizeResult:
@@ -225,7 +224,7 @@ class Resizer:
         if (
             target is not None
             and _shrinks(width, height, config)
-            and config.reduced_decode
+            and self.reduced_decode
             and image.format in ("JPEG", "MPO")
         ):
             # draft() works in the stored frame and keeps both sides >= the request, so the side the
@@ -295,7 +294,7 @@ class Resizer:
         ok, encoded = cv2.imencode(self._extension, pixels, self._encode_params)
         if not ok:
             return self._failure(
-                sha256, f"decoded but cannot encode {out_width}x{out_height} as {config.encode_format}"
+                sha256, f"decoded but cannot encode {out_width}x{out_height} as {config.output_format}"
             )
         return ResizeResult(
             SUCCESS,
@@ -306,7 +305,7 @@ class Resizer:
             width,
             height,
             sha256,
-            config.encode_format,
+            config.output_format,
         )
 
 

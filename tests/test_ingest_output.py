@@ -208,7 +208,7 @@ def test_an_output_fingerprinted_before_a_field_was_added_is_still_recognised(tm
     fingerprint.write_text(json.dumps(recorded))
     fake_shard(out)
     output.prepare(config(input_uri, out))
-    assert writer.committed_shards(out) == {0}
+    assert shards.committed_shards(out) == {0}
     with pytest.raises(ConfigError, match="filters.max_caption_words was None, now 5"):
         output.prepare(config(input_uri, out, "--set", "filters.max_caption_words=5"))
 

@@ -21,7 +21,6 @@ from pipelines.ingest.config import (
     Interpolation,
     ResizeMode,
     build_arg_parser,
-    load_config,
 )
 
 REQUIRED = ["--input", "in/urls.parquet", "--output", "out"]
@@ -32,7 +31,7 @@ def test_defaults_follow_img2dataset():
     import img2dataset
 
     theirs = inspect.signature(img2dataset.download).parameters
-    cfg = load_config(REQUIRED)
+    cfg = IngestConfig.load(REQUIRED)
     assert cfg.image_size == theirs["image_size"].default == 256
     assert cfg.resize_mode == theirs["resize_mode"].default == "border"
     assert cfg.resize_only_if_bigger is theirs["resize_only_if_bigger"].default is False
@@ -66,7 +65,7 @@ def test_yaml_then_command_line_overrides(tmp_path):
             }
         )
     )
-    cfg = load_config(
+    cfg = IngestConfig.load(
         [
             "--config",
             str(config_file),
@@ -104,7 +103,9 @@ def test_yaml_then_command_line_overrides(tmp_path):
 
 
 def test_command_line_alone_and_no_captions():
-    cfg = load_config(REQUIRED + ["--caption-col", "", "--allow-private-networks", "--min-image-size", "200"])
+    cfg = IngestConfig.load(
+        REQUIRED + ["--caption-col", "", "--allow-private-networks", "--min-image-size", "200"]
+    )
     assert cfg.caption_col is None
     assert cfg.download.allow_private_networks is True and cfg.filters.min_image_size == 200
     assert cfg.input == "in/urls.parquet" and cfg.output == "out"
@@ -165,7 +166,7 @@ def test_every_required_option_from_the_brief_exists():
 )
 def test_invalid_config_is_one_clear_sentence(argv, expected):
     with pytest.raises(ConfigError) as error:
-        load_config(argv)
+        IngestConfig.load(argv)
     message = str(error.value)
     assert message.startswith("Invalid ingest config: ") or message.startswith("--set")
     assert "\n" not in message
@@ -175,16 +176,16 @@ def test_invalid_config_is_one_clear_sentence(argv, expected):
 
 def test_yaml_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        load_config(["--config", str(tmp_path / "missing.yaml")])
+        IngestConfig.load(["--config", str(tmp_path / "missing.yaml")])
     bad = tmp_path / "bad.yaml"
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
-        load_config(["--config", str(bad)])
+        IngestConfig.load(["--config", str(bad)])
 
 
 def test_credentials_never_enter_the_config_or_its_errors():
     with pytest.raises(ConfigError) as error:
-        load_config(["--input", "s3://AKIAKEY:topsecret@bucket/urls", "--output", "out"])
+        IngestConfig.load(["--input", "s3://AKIAKEY:topsecret@bucket/urls", "--output", "out"])
     assert "topsecret" not in str(error.value) and "credentials" in str(error.value)
     # Only known fields are accepted, so a secret cannot be slipped in under some other key.
     with pytest.raises(ConfigError, match="aws_secret_access_key is not a known field"):
@@ -192,7 +193,7 @@ def test_credentials_never_enter_the_config_or_its_errors():
 
 
 def test_dump_round_trips_verbatim(tmp_path):
-    cfg = load_config(
+    cfg = IngestConfig.load(
         REQUIRED
         + ["--caption-col", "", "--max-caption-chars", "300", "--clip-score-checkpoint", "s3://b/c.pt"]
         + ["--output-format", "png", "--no-dedup-urls"]
@@ -206,8 +207,8 @@ def test_dump_round_trips_verbatim(tmp_path):
     assert IngestConfig.from_yaml(text) == cfg
     dumped = tmp_path / "config.yaml"
     dumped.write_text(text)
-    assert load_config(["--config", str(dumped)]) == cfg
-    assert load_config(["--config", str(dumped)]).to_yaml() == text
+    assert IngestConfig.load(["--config", str(dumped)]) == cfg
+    assert IngestConfig.load(["--config", str(dumped)]).to_yaml() == text
 
 
 def test_choices_agree_with_the_resizer():
@@ -221,7 +222,7 @@ def test_choices_agree_with_the_resizer():
 
 
 def test_stage_configs_built_from_the_ingest_config():
-    cfg = load_config(
+    cfg = IngestConfig.load(
         REQUIRED + ["--image-size", "64", "--output-format", "webp", "--allow-private-networks"]
     )
     resize = cfg.resizer_config()
@@ -236,7 +237,7 @@ def test_stage_configs_built_from_the_ingest_config():
 
 
 def test_decode_and_download_budgets_reach_the_stage_configs():
-    cfg = load_config(
+    cfg = IngestConfig.load(
         REQUIRED
         + [
             "--allowed-formats",
@@ -251,7 +252,7 @@ def test_decode_and_download_budgets_reach_the_stage_configs():
     resize = cfg.resizer_config()
     assert (resize.allowed_formats, resize.max_jpeg_scans) == (("JPEG", "PNG", "HDR"), 40)
     assert cfg.downloader_config().max_bytes_in_flight == 1 << 28
-    defaults = load_config(REQUIRED)
+    defaults = IngestConfig.load(REQUIRED)
     assert defaults.resizer_config().allowed_formats == image_headers.DEFAULT_ALLOWED_FORMATS
     assert "HDR" not in defaults.allowed_formats
     # The YAML dump lists the formats and reads back the same.

@@ -24,6 +24,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipelines import failpoints, storage
+from pipelines.entrypoint import JobError
 from pipelines.ingest.config import IngestConfig
 
 FORMAT_OF_EXTENSION = {
@@ -83,7 +84,7 @@ MAGIC_BYTES = (
 )
 
 
-class InputError(ValueError):
+class InputError(JobError, ValueError):
     """The input cannot be read as configured; the message says what to fix."""
 
 

@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import mlflow
@@ -21,6 +22,7 @@ import clip_core
 from clip_core.training import WarmupCosineSchedule, accumulated_train_step, create_optimizer
 from pipelines import storage
 from pipelines.config import without_credentials
+from pipelines.entrypoint import JobError
 from pipelines.tracking import use_tracking_server
 from pipelines.train import checkpoints, tracking
 from pipelines.train.config import TrainConfig
@@ -29,11 +31,23 @@ CONFIG_FILE = "train_config.yaml"
 WORKERS_DIR = "workers"  # one small file per rank: pid and node, for operators (and the fault test)
 
 
-class JobError(RuntimeError):
-    """The job cannot start with these inputs; the message says what to fix."""
+@dataclass
+class TrainSummary:
+    """The final checkpoint, its metrics and where the run is tracked; printed as JSON."""
+
+    checkpoint: str
+    step: int
+    metrics: dict[str, float]
+    mlflow_run_id: str
+    mlflow_experiment_id: str
+    registered_model: str  # "name vN"
+    seconds: float
+
+    def __str__(self) -> str:
+        return json.dumps(asdict(self), indent=2)
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
+def run(cfg: TrainConfig) -> TrainSummary:
     """Train to cfg.steps (resuming whatever the output already holds) and register the final model."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -76,15 +90,15 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 f"training ended without a checkpoint at step {cfg.steps} in {cfg.checkpoints_uri}"
             )
         version = tracking.register_final_model(final.model_uri, final.step, cfg.registered_model, final.info)
-    return {
-        "checkpoint": final.uri,
-        "step": final.step,
-        "metrics": final.info.get("metrics", {}),
-        "mlflow_run_id": run.info.run_id,
-        "mlflow_experiment_id": run.info.experiment_id,
-        "registered_model": f"{cfg.registered_model} v{version}",
-        "seconds": round(time.time() - started, 1),
-    }
+    return TrainSummary(
+        checkpoint=final.uri,
+        step=final.step,
+        metrics=final.info.get("metrics", {}),
+        mlflow_run_id=run.info.run_id,
+        mlflow_experiment_id=run.info.experiment_id,
+        registered_model=f"{cfg.registered_model} v{version}",
+        seconds=round(time.time() - started, 1),
+    )
 
 
 @contextlib.contextmanager

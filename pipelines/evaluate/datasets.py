@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from clip_core import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from pipelines import storage
+from pipelines.entrypoint import JobError
 from pipelines.evaluate.config import DatasetConfig
 from pipelines.shards import IMAGE_EXTS, tar_samples
 
@@ -22,7 +23,7 @@ TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 _STATS_NAME = re.compile(r"(^|/)\d+_stats\.json$")
 
 
-class DatasetError(ValueError):
+class DatasetError(JobError, ValueError):
     """A dataset that cannot be evaluated; the message is one sentence saying what to fix."""
 
 

@@ -60,9 +60,9 @@ def run(cfg: TrainConfig) -> TrainSummary:
         if cfg.resume is not None:
             checkpoints.open_checkpoint(cfg.resume)
         if cfg.eval_config is not None:
-            from pipelines.scheduled_eval import load_config as load_eval_config
+            from pipelines.scheduled_eval import ScheduledEvalConfig
 
-            load_eval_config(cfg.eval_config)  # its ConfigError is a ValueError with one sentence
+            ScheduledEvalConfig.load(["--config", cfg.eval_config])  # a ConfigError is a ValueError
     except (ValueError, FileNotFoundError) as error:
         raise JobError(str(error)) from None
     started = time.time()

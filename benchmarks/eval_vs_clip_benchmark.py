@@ -33,8 +33,8 @@ from clip_benchmark.metrics import zeroshot_classification  # noqa: E402
 
 import clip_core  # noqa: E402
 from pipelines.demo import scenes  # noqa: E402
+from pipelines.evaluate import EvaluateConfig, run  # noqa: E402
 from pipelines.evaluate.config import validate_suite  # noqa: E402
-from pipelines.evaluate.job import run_evaluation  # noqa: E402
 
 DISTINCT = 250
 
@@ -106,7 +106,9 @@ def run_ours(
         "reduced_decode": reduced_decode, "example_images": 0,
     })  # fmt: skip
     started = time.perf_counter()
-    metrics = run_evaluation(checkpoint, model_name, suite, log_mlflow=False).metrics
+    metrics = run(
+        EvaluateConfig(checkpoint=checkpoint, model=model_name, suite=suite, log_mlflow=False)
+    ).metrics
     return time.perf_counter() - started, {k.rsplit("/", 1)[-1]: v for k, v in metrics.items()}
 
 

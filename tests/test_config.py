@@ -4,8 +4,7 @@ to MLflow and handed to Ray tasks), errors never echo a password, and recorded U
 import pytest
 
 from pipelines.config import ConfigError, redacted, validate, without_credentials
-from pipelines.evaluate.config import parse_args as parse_evaluate_args
-from pipelines.evaluate.config import validate_suite
+from pipelines.evaluate.config import EvaluateConfig, validate_suite
 from pipelines.ingest.config import validate_config as validate_ingest
 from pipelines.scheduled_eval.config import ScheduledEvalConfig
 from pipelines.train.config import validate_config as validate_train
@@ -54,9 +53,9 @@ def _scheduled(**fields):
         lambda: _scheduled(claims=SECRET_URI),
         lambda: validate_train({"data": ["s3://b/shards", SECRET_URI], "model": "ViT-Tiny-16", "steps": 1,
                                 "batch_size": 1, "output": "s3://b/run"}),
-        lambda: parse_evaluate_args(["--checkpoint", SECRET_URI, "--model", "ViT-Tiny-16", "--dataset", "s3://b/x"]),
-        lambda: parse_evaluate_args(["--checkpoint", "s3://b/c", "--model", "ViT-Tiny-16", "--dataset", SECRET_URI]),
-        lambda: parse_evaluate_args(["--checkpoint", "s3://b/c", "--model", "ViT-Tiny-16", "--dataset", "s3://b/x",
+        lambda: EvaluateConfig.load(["--checkpoint", SECRET_URI, "--model", "ViT-Tiny-16", "--dataset", "s3://b/x"]),
+        lambda: EvaluateConfig.load(["--checkpoint", "s3://b/c", "--model", "ViT-Tiny-16", "--dataset", SECRET_URI]),
+        lambda: EvaluateConfig.load(["--checkpoint", "s3://b/c", "--model", "ViT-Tiny-16", "--dataset", "s3://b/x",
                                      "--results", SECRET_URI]),
     ],
     ids=["ingest-input", "clip-score-checkpoint", "eval-dataset", "eval-train-uri", "scheduled-training-output",

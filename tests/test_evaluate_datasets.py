@@ -4,6 +4,7 @@ missing or mismatched checkpoints, empty datasets and class names that do not ma
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -14,7 +15,6 @@ import clip_core
 from pipelines.config import ConfigError
 from pipelines.demo import scenes
 from pipelines.demo.data import write_classification_folder, write_retrieval_shards
-from pipelines.evaluate import __main__ as cli
 from pipelines.evaluate import config, datasets, job
 from pipelines.evaluate.features import extract_features_locally
 
@@ -69,7 +69,7 @@ def test_suite_errors_are_one_sentence_naming_the_field():
 
 
 def test_command_line_builds_a_suite_from_dataset_specs_tasks_and_overrides():
-    args, suite = config.parse_args(
+    suite = config.EvaluateConfig.load(
         [
             "--checkpoint",
             "c.pt",
@@ -84,14 +84,14 @@ def test_command_line_builds_a_suite_from_dataset_specs_tasks_and_overrides():
             "--set",
             "batch_size=32",
         ]
-    )
+    ).suite
     assert [(d.name, d.uri) for d in suite.datasets] == [
         ("colors", "s3://b/eval/color"),
         ("coco", "s3://b/eval/coco"),
     ]
     assert suite.datasets[1].tasks == ["zeroshot_retrieval"] and suite.batch_size == 32
     with pytest.raises(ConfigError, match="no dataset to evaluate"):
-        config.parse_args(["--checkpoint", "c.pt", "--model", "ViT-Tiny-16"])
+        config.EvaluateConfig.load(["--checkpoint", "c.pt", "--model", "ViT-Tiny-16"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -179,16 +179,17 @@ def test_class_names_that_do_not_match_the_shards_stop_with_one_sentence(
     assert one_sentence(str(error.value))
 
 
-def run_cli(monkeypatch, *argv: str) -> str:
-    monkeypatch.setattr(sys, "argv", ["pipelines.evaluate", *argv])
-    with pytest.raises(SystemExit) as stop:
-        cli.main()
-    return str(stop.value.code)
+def run_cli(*argv: str) -> str:
+    """The one line `python -m pipelines.evaluate` prints on stderr when it stops, after checking it exits 2."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.evaluate", *argv], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr.strip()
 
 
-def test_missing_checkpoint_stops_the_cli_with_one_sentence(monkeypatch, tmp_path, color_folder):
+def test_missing_checkpoint_stops_the_cli_with_one_sentence(tmp_path, color_folder):
     message = run_cli(
-        monkeypatch,
         "--checkpoint",
         str(tmp_path / "nope.pt"),
         "--model",
@@ -201,11 +202,10 @@ def test_missing_checkpoint_stops_the_cli_with_one_sentence(monkeypatch, tmp_pat
     )
 
 
-def test_checkpoint_folder_without_checkpoint_json_is_refused(monkeypatch, tmp_path, color_folder):
+def test_checkpoint_folder_without_checkpoint_json_is_refused(tmp_path, color_folder):
     (tmp_path / "step_00000100").mkdir()
     (tmp_path / "step_00000100" / "model.pt").write_bytes(b"partial")
     message = run_cli(
-        monkeypatch,
         "--checkpoint",
         str(tmp_path / "step_00000100"),
         "--model",

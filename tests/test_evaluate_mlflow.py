@@ -65,7 +65,8 @@ def test_evaluation_run_is_nested_under_the_training_run_with_metrics_table_and_
     write_classification_folder(color, "color", 24, seed=5, size=32)
     suite = config.validate_suite({"datasets": [{"name": "color", "uri": color}], "example_images": 8})
 
-    metrics = job.run_evaluation(checkpoint, MODEL, suite, experiment=EXPERIMENT).metrics
+    cfg = config.EvaluateConfig(checkpoint=checkpoint, model=MODEL, suite=suite, experiment=EXPERIMENT)
+    metrics = job.run(cfg).metrics
     assert set(metrics) == {f"zeroshot/color/{m}" for m in ("acc1", "acc5", "mean_per_class_recall")}
 
     client = MlflowClient()
@@ -106,7 +107,7 @@ def test_evaluation_run_is_nested_under_the_training_run_with_metrics_table_and_
     assert Image.open(figure).size[0] > 400  # a grid of 8 images, not an empty canvas
 
     with pytest.raises(job.EvaluationError, match="was trained as ViT-Tiny-16, not ViT-B-32; pass --model"):
-        job.run_evaluation(checkpoint, "ViT-B-32", suite, experiment=EXPERIMENT)
+        job.run(cfg.model_copy(update={"model": "ViT-B-32"}))
 
 
 def test_cli_through_ray_job_submit_writes_results_json_to_s3(local_stack, local_stack_env, s3_prefix):

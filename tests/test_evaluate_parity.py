@@ -24,8 +24,8 @@ import clip_core
 from clip_core.training import create_optimizer, train_step, warmup_cosine_lr
 from pipelines.demo import scenes
 from pipelines.demo.data import write_classification_folder, write_retrieval_shards
+from pipelines.evaluate import EvaluateConfig, run
 from pipelines.evaluate.config import validate_suite
-from pipelines.evaluate.job import run_evaluation
 
 MODEL = "ViT-Tiny-16"
 TOLERANCE = 0.001  # 0.1 point
@@ -188,7 +188,9 @@ def ours(local_ray, trained_checkpoint, datasets):
             "linear_probe": {"shots": [1, 4], "seeds": 2},
         }
     )
-    return run_evaluation(trained_checkpoint, MODEL, suite, log_mlflow=False).metrics
+    return run(
+        EvaluateConfig(checkpoint=trained_checkpoint, model=MODEL, suite=suite, log_mlflow=False)
+    ).metrics
 
 
 @pytest.mark.parametrize("dataset", ["folder", "wds"])

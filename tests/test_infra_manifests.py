@@ -230,9 +230,9 @@ def entrypoint_argv(document: dict) -> tuple[str, list[str]]:
 
 
 def test_job_entrypoints_validate_with_the_jobs_config_loaders() -> None:
-    from pipelines.ingest.config import load_config as load_ingest_config
+    from pipelines.ingest.config import IngestConfig
     from pipelines.scheduled_eval.config import build_arg_parser as scheduled_eval_parser
-    from pipelines.train.config import load_config as load_train_config
+    from pipelines.train.config import TrainConfig
 
     modules = {}
     for document in by_kind("RayJob") + by_kind("RayCronJob"):
@@ -240,10 +240,10 @@ def test_job_entrypoints_validate_with_the_jobs_config_loaders() -> None:
         modules[module] = argv
     assert sorted(modules) == ["pipelines.ingest", "pipelines.scheduled_eval", "pipelines.train"]
 
-    ingest = load_ingest_config(modules["pipelines.ingest"])
+    ingest = IngestConfig.load(modules["pipelines.ingest"])
     assert ingest.output.startswith("s3://") and ingest.samples_per_shard == 10_000
 
-    train = load_train_config(modules["pipelines.train"])
+    train = TrainConfig.load(modules["pipelines.train"])
     assert (train.model, train.batch_size, train.use_gpu) == ("ViT-B-32", 32768, True)
     gpus = sum(
         group["replicas"]

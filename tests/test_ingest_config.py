@@ -10,7 +10,7 @@ import yaml
 
 from pipelines.config import ConfigError
 from pipelines.ingest import image_headers
-from pipelines.ingest.config import IngestConfig, build_arg_parser, load_config
+from pipelines.ingest.config import IngestConfig, build_arg_parser
 from pipelines.ingest.dedup import DedupConfig
 from pipelines.ingest.downloader import DownloaderConfig
 from pipelines.ingest.filters import FilterConfig
@@ -24,7 +24,7 @@ def test_defaults_follow_img2dataset():
     import img2dataset
 
     theirs = inspect.signature(img2dataset.download).parameters
-    cfg = load_config(REQUIRED)
+    cfg = IngestConfig.load(REQUIRED)
     assert cfg.image_size == theirs["image_size"].default == 256
     assert cfg.resize_mode == theirs["resize_mode"].default == "border"
     assert cfg.resize_only_if_bigger is theirs["resize_only_if_bigger"].default is False
@@ -58,7 +58,7 @@ def test_yaml_then_command_line_overrides(tmp_path):
             }
         )
     )
-    cfg = load_config(
+    cfg = IngestConfig.load(
         [
             "--config",
             str(config_file),
@@ -96,7 +96,9 @@ def test_yaml_then_command_line_overrides(tmp_path):
 
 
 def test_command_line_alone_and_no_captions():
-    cfg = load_config(REQUIRED + ["--caption-col", "", "--allow-private-networks", "--min-image-size", "200"])
+    cfg = IngestConfig.load(
+        REQUIRED + ["--caption-col", "", "--allow-private-networks", "--min-image-size", "200"]
+    )
     assert cfg.caption_col is None
     assert cfg.download.allow_private_networks is True and cfg.filters.min_image_size == 200
     assert cfg.input == "in/urls.parquet" and cfg.output == "out"
@@ -157,7 +159,7 @@ def test_every_required_option_from_the_brief_exists():
 )
 def test_invalid_config_is_one_clear_sentence(argv, expected):
     with pytest.raises(ConfigError) as error:
-        load_config(argv)
+        IngestConfig.load(argv)
     message = str(error.value)
     assert message.startswith("Invalid ingest config: ") or message.startswith("--set")
     assert "\n" not in message
@@ -167,16 +169,16 @@ def test_invalid_config_is_one_clear_sentence(argv, expected):
 
 def test_yaml_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        load_config(["--config", str(tmp_path / "missing.yaml")])
+        IngestConfig.load(["--config", str(tmp_path / "missing.yaml")])
     bad = tmp_path / "bad.yaml"
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
-        load_config(["--config", str(bad)])
+        IngestConfig.load(["--config", str(bad)])
 
 
 def test_credentials_never_enter_the_config_or_its_errors():
     with pytest.raises(ConfigError) as error:
-        load_config(["--input", "s3://AKIAKEY:topsecret@bucket/urls", "--output", "out"])
+        IngestConfig.load(["--input", "s3://AKIAKEY:topsecret@bucket/urls", "--output", "out"])
     assert "topsecret" not in str(error.value) and "credentials" in str(error.value)
     # Only known fields are accepted, so a secret cannot be slipped in under some other key.
     with pytest.raises(ConfigError, match="aws_secret_access_key is not a known field"):
@@ -184,7 +186,7 @@ def test_credentials_never_enter_the_config_or_its_errors():
 
 
 def test_dump_round_trips_verbatim(tmp_path):
-    cfg = load_config(
+    cfg = IngestConfig.load(
         REQUIRED
         + ["--caption-col", "", "--max-caption-chars", "300", "--clip-score-checkpoint", "s3://b/c.pt"]
         + ["--output-format", "png", "--no-dedup-urls"]
@@ -198,12 +200,12 @@ def test_dump_round_trips_verbatim(tmp_path):
     assert IngestConfig.from_yaml(text) == cfg
     dumped = tmp_path / "config.yaml"
     dumped.write_text(text)
-    assert load_config(["--config", str(dumped)]) == cfg
-    assert load_config(["--config", str(dumped)]).to_yaml() == text
+    assert IngestConfig.load(["--config", str(dumped)]) == cfg
+    assert IngestConfig.load(["--config", str(dumped)]).to_yaml() == text
 
 
 def test_each_stage_reads_its_own_section_of_the_ingest_config():
-    cfg = load_config(
+    cfg = IngestConfig.load(
         REQUIRED + ["--image-size", "64", "--output-format", "webp", "--allow-private-networks"]
     )
     # The resizer's knobs sit at the top level of the YAML; the others under their stage's name.
@@ -214,11 +216,14 @@ def test_each_stage_reads_its_own_section_of_the_ingest_config():
     assert cfg.download.allow_private_networks and cfg.download.timeout_s == 30
     # A section built alone and the same section inside the ingest config are the same thing.
     assert cfg.download == DownloaderConfig(allow_private_networks=True)
-    assert load_config(REQUIRED).filters == FilterConfig() and load_config(REQUIRED).dedup == DedupConfig()
+    assert (
+        IngestConfig.load(REQUIRED).filters == FilterConfig()
+        and IngestConfig.load(REQUIRED).dedup == DedupConfig()
+    )
 
 
 def test_decode_and_download_budgets_reach_the_stage_configs():
-    cfg = load_config(
+    cfg = IngestConfig.load(
         REQUIRED
         + [
             "--allowed-formats",
@@ -231,7 +236,7 @@ def test_decode_and_download_budgets_reach_the_stage_configs():
     )
     assert cfg.allowed_formats == ["JPEG", "PNG", "HDR"] and cfg.max_jpeg_scans == 40
     assert cfg.download.max_bytes_in_flight == 1 << 28
-    defaults = load_config(REQUIRED)
+    defaults = IngestConfig.load(REQUIRED)
     assert tuple(defaults.allowed_formats) == image_headers.DEFAULT_ALLOWED_FORMATS
     assert defaults.max_jpeg_scans == image_headers.DEFAULT_MAX_JPEG_SCANS
     assert "HDR" not in defaults.allowed_formats
@@ -249,7 +254,7 @@ def test_removed_knobs_are_refused_as_unknown_fields(tmp_path, removed):
     config_file.write_text(yaml.safe_dump({"input": "a", "output": "b", section: {name: 4}}))
     for argv in (["--config", str(config_file)], REQUIRED + ["--set", f"{removed}=4"]):
         with pytest.raises(ConfigError) as error:
-            load_config(argv)
+            IngestConfig.load(argv)
         assert str(error.value) == f"Invalid ingest config: {removed} is not a known field (misspelt?)."
     flag = "--" + name.replace("_", "-")
     assert flag not in {opt for action in build_arg_parser()._actions for opt in action.option_strings}

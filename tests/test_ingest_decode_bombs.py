@@ -136,7 +136,7 @@ def test_a_resizer_fed_every_kind_of_bomb_refuses_each_within_its_memory_bound(b
 STAGER_CHILD = r"""
 import json, resource, sys
 from pipelines.ingest import dedup, reader
-from pipelines.ingest.config import load_config
+from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.job import ShardStager
 
 def peak_mb():
@@ -144,7 +144,7 @@ def peak_mb():
 
 warm_input, shard_input, output = sys.argv[1:4]
 def config(input_uri):
-    return load_config([
+    return IngestConfig.load([
         "--input", input_uri, "--output", output, "--allow-private-networks", "--image-size", "64",
         "--samples-per-shard", "100000", "--max-body-bytes", str(4 << 20), "--max-bytes-in-flight", str(16 << 20),
         "--max-in-flight", "64", "--max-retries", "0", "--timeout-s", "120",
@@ -205,9 +205,9 @@ def test_opencv_limits_from_the_config_stop_opencv_itself(tmp_path):
     # The staging workers get these variables in their environment; in a fresh process OpenCV then refuses
     # images over max_image_pixels on its own, behind image_headers' checks.
     from pipelines.ingest import job
-    from pipelines.ingest.config import load_config
+    from pipelines.ingest.config import IngestConfig
 
-    cfg = load_config(
+    cfg = IngestConfig.load(
         ["--input", "in.parquet", "--output", str(tmp_path / "out"), "--max-image-pixels", "10000"]
     )
     limits = job.opencv_limits(cfg)

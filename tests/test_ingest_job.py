@@ -134,10 +134,12 @@ def run_ingest_job(args: list[str], dedup_in_driver: bool = True) -> None:
     """Run the ingest job on a Ray of its own in a separate process. Ray Data leaves state behind in a
     process that ran a job and shut Ray down, after which a later Ray session's actor pools are cancelled
     at start (Ray 2.60); keeping jobs out of the pytest process keeps later test modules clean."""
-    script = "import sys; from pipelines.ingest import job; from pipelines.ingest.config import load_config; "
+    script = (
+        "import sys; from pipelines.ingest import job; from pipelines.ingest.config import IngestConfig; "
+    )
     if not dedup_in_driver:
         script += "job.DRIVER_DEDUP_MAX_ROWS = 0; "  # hash-partition dedup keys across the cluster
-    script += "job.run(load_config(sys.argv[1:]))"
+    script += "job.run(IngestConfig.load(sys.argv[1:]))"
     env = {**os.environ, "RAY_ADDRESS": "local"}
     result = subprocess.run(
         [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=600

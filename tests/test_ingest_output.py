@@ -16,7 +16,7 @@ import pytest
 from pipelines.config import ConfigError
 from pipelines.formats import shards
 from pipelines.ingest import output, writer
-from pipelines.ingest.config import load_config
+from pipelines.ingest.config import IngestConfig
 
 
 def write_urls(path: Path, n: int = 4) -> str:
@@ -27,7 +27,7 @@ def write_urls(path: Path, n: int = 4) -> str:
 
 
 def config(input_uri: str, output_uri: str, *extra: str):
-    return load_config(["--input", input_uri, "--output", output_uri, *extra])
+    return IngestConfig.load(["--input", input_uri, "--output", output_uri, *extra])
 
 
 def fake_shard(output_uri: str, shard_id: int = 0) -> None:
@@ -234,8 +234,21 @@ def test_the_cli_refuses_another_runs_output_before_writing_anything(tmp_path):
         [sys.executable, "-m", "pipelines.ingest", "--input", other, "--output", str(out), "--image-size", "64"],
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
-    assert result.returncode != 0
+    assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ingest: output"), result.stderr
     assert "is gone" in lines[0] and "is new" in lines[0] and "image_size was 32, now 64" in lines[0], lines
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_the_cli_stops_with_one_line_and_exit_code_2_on_a_missing_input(tmp_path):
+    missing, out = tmp_path / "missing.parquet", tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.ingest", "--input", str(missing), "--output", str(out)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ingest: input {missing}"), result.stderr
+    assert not result.stdout.strip()

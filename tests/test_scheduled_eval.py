@@ -27,7 +27,13 @@ from pipelines import storage
 from pipelines.config import ConfigError
 from pipelines.demo import scenes
 from pipelines.demo.data import write_classification_folder
-from pipelines.scheduled_eval import BackgroundPass, claims, launch_background_pass, load_config, run_pass
+from pipelines.scheduled_eval import (
+    BackgroundPass,
+    ScheduledEvalConfig,
+    claims,
+    launch_background_pass,
+    run_pass,
+)
 from pipelines.scheduled_eval.background import TERMINAL
 from pipelines.scheduled_eval.scheduler import record_uri, suite_key
 
@@ -220,20 +226,47 @@ def test_config_errors_are_one_sentence(tmp_path):
     with pytest.raises(
         ConfigError, match=r"claims is required; claimz is not a known field \(misspelt\?\)\.$"
     ):
-        load_config(str(path))
+        ScheduledEvalConfig.load(["--config", str(path)])
     path.write_text("suite: s.yaml\nchampion_model: m\nmetric: zeroshot/x/acc1\nclaims: c\n")
-    config = load_config(str(path), ["mode=min"])
+    config = ScheduledEvalConfig.load(["--config", str(path), "--set", "mode=min"])
     assert config.suite == str(tmp_path / "s.yaml") and config.claims == str(
         tmp_path / "c"
     )  # beside the file
     with pytest.raises(ConfigError, match="does not exist; check the --config path"):
-        load_config(str(tmp_path / "missing.yaml"))
+        ScheduledEvalConfig.load(["--config", str(tmp_path / "missing.yaml")])
     with pytest.raises(ConfigError, match="alias = 'latest'"):
-        load_config(str(path), ["alias=latest"])
+        ScheduledEvalConfig.load(["--config", str(path), "--set", "alias=latest"])
+    # The trainer's background passes read the same file: it may not turn them into watchers.
+    path.write_text(path.read_text() + "watch: 60\n")
+    with pytest.raises(ConfigError, match="sets watch; pass --watch SECONDS on the command line"):
+        ScheduledEvalConfig.load(["--config", str(path)])
+    path.write_text(path.read_text().replace("watch: 60\n", ""))
+    assert ScheduledEvalConfig.load(["--config", str(path), "--watch", "60"]).watch == 60
+
+
+def test_the_cli_stops_with_one_line_and_exit_code_2_on_a_bad_command_line(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    for argv, expected in [
+        (["--config", str(missing)], f"config file {missing} does not exist; check the --config path."),
+        (
+            ["--config", str(missing), "--watch", "0"],
+            "--watch takes a positive number of seconds between passes.",
+        ),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", "pipelines.scheduled_eval", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [f"scheduled-eval: {expected}"], result.stderr
 
 
 def test_a_metric_the_suite_does_not_produce_stops_before_any_work(local_stack_env, s3_prefix, suite_uri):
-    config = load_config(write_config(s3_prefix, suite_uri, metric="zeroshot/scenes-colour/acc1"))
+    config = ScheduledEvalConfig.load(
+        ["--config", write_config(s3_prefix, suite_uri, metric="zeroshot/scenes-colour/acc1")]
+    )
     with pytest.raises(
         ConfigError, match=r"not one the suite .* produces.*e\.g\. zeroshot/scenes-color/acc1"
     ):
@@ -291,7 +324,7 @@ def test_two_schedulers_at_once_one_a_ray_job_from_the_cron_wrapper_evaluate_eac
 
     for checkpoint in checkpoints:
         assert len(eval_runs(checkpoint)) == 1, checkpoint
-    config = load_config(config_uri)
+    config = ScheduledEvalConfig.load(["--config", config_uri])
     versions = mlflow.MlflowClient().search_model_versions(f"name='{config.champion_model}'")
     assert sorted(v.tags["checkpoint_uri"] for v in versions) == checkpoints  # one version each
     assert champion(config)[1] in checkpoints
@@ -323,7 +356,7 @@ def test_each_checkpoint_is_evaluated_once_and_the_champion_follows_the_best(
     output = storage.join(s3_prefix, "train")
     first = write_checkpoint(output, 0, weights["random"], run)
     partial = write_checkpoint(output, 20, weights["trained"], run, complete=False)  # still being written
-    config = load_config(write_config(s3_prefix, suite_uri))
+    config = ScheduledEvalConfig.load(["--config", write_config(s3_prefix, suite_uri)])
     # The trainer registered the first checkpoint's weights already: found twice, it is one checkpoint.
     client = mlflow.MlflowClient()
     client.create_registered_model(config.champion_model)
@@ -374,8 +407,10 @@ def test_stale_claims_are_taken_over_fresh_ones_skipped_and_failures_retried_the
     busy = write_checkpoint(output, 2, weights["random"], run)
     broken = write_checkpoint(output, 3, weights["random"], run)
     storage.write_bytes(storage.join(broken, "model.pt"), b"not a checkpoint")
-    config = load_config(write_config(s3_prefix, suite_uri, max_attempts=2, claim_timeout_s=3000))
-    from pipelines.evaluate.config import load_suite
+    config = ScheduledEvalConfig.load(
+        ["--config", write_config(s3_prefix, suite_uri, max_attempts=2, claim_timeout_s=3000)]
+    )
+    from pipelines.evaluate import load_suite
 
     key = suite_key(config.suite, load_suite(config.suite))
     old, now = time.time() - 10_000, time.time()

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pipelines.config import ConfigError
-from pipelines.train.config import TrainConfig, load_config
+from pipelines.train.config import TrainConfig
 
 REQUIRED = [
     "--data", "s3://clip-data/cc12m", "s3://clip-data/extra/{00000..00003}.tar", "--model", "ViT-B-32",
@@ -19,24 +19,24 @@ REQUIRED = [
 
 
 def test_command_line_gives_the_resolved_config():
-    cfg = load_config(REQUIRED + ["--accum-steps", "2", "--lr", "1e-3", "--grad-checkpointing"])
+    cfg = TrainConfig.load(REQUIRED + ["--accum-steps", "2", "--lr", "1e-3", "--grad-checkpointing"])
     assert cfg.data == ["s3://clip-data/cc12m", "s3://clip-data/extra/{00000..00003}.tar"]
     assert (cfg.batch_size, cfg.workers, cfg.accum_steps, cfg.local_batch_size) == (512, 4, 2, 64)
     assert cfg.lr == 1e-3 and cfg.grad_checkpointing and not cfg.compile
     # Resolved defaults are written out, so the dumped config says exactly what ran.
     assert cfg.precision == "fp32" and cfg.registered_model == "clip-ray-ViT-B-32"
-    assert load_config(REQUIRED + ["--use-gpu"]).precision == "bf16"
+    assert TrainConfig.load(REQUIRED + ["--use-gpu"]).precision == "bf16"
     assert (cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay) == (0.9, 0.98, 1e-6, 0.2)
     assert cfg.checkpoints_uri == "s3://clip-data/runs/b32/checkpoints"
     # OpenCLIP's 10,000 warm-up steps, but never more than a tenth of a short run.
-    assert cfg.warmup == 100 and load_config(REQUIRED + ["--steps", "500000"]).warmup == 10_000
+    assert cfg.warmup == 100 and TrainConfig.load(REQUIRED + ["--steps", "500000"]).warmup == 10_000
     assert TrainConfig.from_yaml(cfg.to_yaml()) == cfg
 
 
 def test_yaml_file_is_overridden_by_the_command_line(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: ViT-Tiny-16\nsteps: 50\nbatch_size: 64\nwarmup: 5\nshuffle_buffer: 100\n")
-    cfg = load_config(
+    cfg = TrainConfig.load(
         ["--config", str(path), "--data", "/d", "--output", "/o", "--steps", "80", "--set", "keep_last=4"]
     )
     assert (cfg.model, cfg.steps, cfg.warmup, cfg.shuffle_buffer, cfg.keep_last) == (
@@ -66,7 +66,7 @@ def test_yaml_file_is_overridden_by_the_command_line(tmp_path):
 )  # fmt: skip
 def test_configs_that_cannot_run_fail_with_one_sentence(extra, expected):
     with pytest.raises(ConfigError) as error:
-        load_config(REQUIRED + extra)
+        TrainConfig.load(REQUIRED + extra)
     message = str(error.value)
     assert message.startswith("Invalid training config: ") and expected in message
     assert "\n" not in message
@@ -74,13 +74,13 @@ def test_configs_that_cannot_run_fail_with_one_sentence(extra, expected):
 
 def test_credentials_in_uris_are_refused_without_echoing_them():
     with pytest.raises(ConfigError) as error:
-        load_config(REQUIRED + ["--output", "s3://key:hunter2@clip-data/runs"])
+        TrainConfig.load(REQUIRED + ["--output", "s3://key:hunter2@clip-data/runs"])
     assert "must not embed credentials" in str(error.value) and "hunter2" not in str(error.value)
 
 
 def test_missing_required_options_are_named():
     with pytest.raises(ConfigError, match=r"data \(--data\) is required.*model \(--model\) is required"):
-        load_config(["--steps", "10", "--batch-size", "8", "--output", "/o"])
+        TrainConfig.load(["--steps", "10", "--batch-size", "8", "--output", "/o"])
 
 
 @pytest.mark.slow
@@ -89,7 +89,7 @@ def test_cli_stops_with_one_sentence_on_a_bad_config_and_on_data_without_shards(
         [sys.executable, "-m", "pipelines.train", *REQUIRED, "--batch-size", "30"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert bad.returncode != 0
+    assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         "train: Invalid training config: batch_size 30 must be divisible by workers x accum_steps = 4 x 1, so "
         "that every worker's micro-batch has the same size."
@@ -100,7 +100,7 @@ def test_cli_stops_with_one_sentence_on_a_bad_config_and_on_data_without_shards(
         [sys.executable, "-m", "pipelines.train", *args, "--output", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert no_data.returncode != 0
+    assert no_data.returncode == 2
     last = no_data.stderr.strip().splitlines()[-1]
     assert last.startswith("train: --data") and "holds no committed shard" in last
     assert not (tmp_path / "out").exists()  # nothing written, no worker started

@@ -171,15 +171,14 @@ def test_two_worker_job_survives_a_killed_worker_and_learns(
 
 
 def test_restarts_take_the_newest_checkpoint_of_the_output_before_resume(tmp_path):
-    from pipelines.train.config import load_config
     from pipelines.train.job import _start_checkpoint
 
     elsewhere = str(tmp_path / "other-run" / "checkpoints")
     checkpoints.save(elsewhere, 30, {"w": torch.zeros(1)}, {"step": 30}, {"metrics": {}})
     args = ["--data", "/d", "--model", "ViT-Tiny-16", "--steps", "100", "--batch-size", "8"]
     args += ["--output", str(tmp_path / "run")]
-    assert _start_checkpoint(load_config(args)) is None
-    cfg = load_config(args + ["--resume", step_uri(elsewhere, 30)])
+    assert _start_checkpoint(TrainConfig.load(args)) is None
+    cfg = TrainConfig.load(args + ["--resume", step_uri(elsewhere, 30)])
     assert _start_checkpoint(cfg).step == 30  # --resume starts a new output from any checkpoint
     checkpoints.save(cfg.checkpoints_uri, 40, {"w": torch.zeros(1)}, {"step": 40}, {"metrics": {}})
     assert _start_checkpoint(cfg).step == 40  # after a crash, the run's own newest checkpoint wins
@@ -187,9 +186,8 @@ def test_restarts_take_the_newest_checkpoint_of_the_output_before_resume(tmp_pat
 
 def test_a_rerun_of_the_same_output_continues_the_same_mlflow_run(local_stack, local_stack_env, tmp_path):
     from pipelines.train import data, tracking
-    from pipelines.train.config import load_config
 
-    cfg = load_config(
+    cfg = TrainConfig.load(
         ["--data", "/d", "--model", "ViT-Tiny-16", "--steps", "10", "--batch-size", "8"]
         + ["--output", str(tmp_path / "run"), "--experiment", "tests-train"]
     )

@@ -24,7 +24,7 @@ from PIL import Image
 from pipelines import storage
 from pipelines.demo import scenes
 from pipelines.formats.shards import SUCCESS, shard_name
-from pipelines.ingest.writer import write_manifest, write_shard
+from pipelines.ingest import write_manifest, write_shard
 
 PAIRS_FILE = "pairs.parquet"
 

@@ -1,6 +1,6 @@
-"""The evaluation suite: one typed config naming the datasets and tasks a checkpoint is evaluated on, loaded
-from YAML (local or S3), overridable from the command line, validated before any work starts, and logged to
-MLflow verbatim.
+"""The evaluation's typed config: the suite naming the datasets and tasks a checkpoint is evaluated on (loaded
+from YAML, local or S3, and logged to MLflow verbatim), and around it the checkpoint, model and results URI;
+built from the command line and validated before any work starts.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pipelines.config import (
     apply_overrides,
     check_uri,
     read_yaml,
-    redacted,
     validate,
 )
 
@@ -129,6 +128,41 @@ class SuiteConfig(Section):
         return self
 
 
+class EvaluateConfig(Section):
+    """One evaluation: a checkpoint, its architecture, the suite to run, and where the results go."""
+
+    checkpoint: str  # a weights file or a training checkpoint folder
+    model: str
+    suite: SuiteConfig
+    experiment: str | None = None  # MLflow experiment; None: the suite's
+    results: str | None = None  # the metrics per dataset as JSON, local or s3://
+    log_mlflow: bool = True
+    # The training run the metrics also go into at `step`; None: from the checkpoint folder's checkpoint.json.
+    training_run_id: str | None = None
+    step: int | None = None
+
+    @field_validator("checkpoint", "results")
+    @classmethod
+    def _uri_without_credentials(cls, value: str | None) -> str | None:
+        # The checkpoint URI becomes an MLflow tag and a Ray job's log line, like the suite's URIs.
+        return None if value is None else check_uri(value)
+
+    @classmethod
+    def load(cls, argv: Sequence[str] | None = None) -> EvaluateConfig:
+        """The validated config from the command line: --checkpoint, --model, the suite (--config, --dataset,
+        --task, --set) and the options."""
+        args = build_arg_parser().parse_args(argv)
+        data = {
+            "checkpoint": args.checkpoint,
+            "model": args.model,
+            "suite": suite_from_args(args),
+            "experiment": args.experiment,
+            "results": args.results,
+            "log_mlflow": not args.no_mlflow,
+        }
+        return validate(cls, data, "evaluation config", _FLAG_FOR_FIELD)
+
+
 def parse_dataset_spec(spec: str) -> tuple[str, str]:
     """`name=URI` or `URI` (the name is then the URI's last path part) -> (name, uri)."""
     name, sep, uri = spec.partition("=")
@@ -177,6 +211,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_FLAG_FOR_FIELD = {name: name for name in ("checkpoint", "model", "experiment", "results")}
+
+
 def suite_from_args(args: argparse.Namespace) -> SuiteConfig:
     """The suite from --config, plus one entry per --dataset (with the --task list), plus --set overrides."""
     data = read_yaml(args.config, "suite config") if args.config else {}
@@ -193,16 +230,3 @@ def suite_from_args(args: argparse.Namespace) -> SuiteConfig:
         data["experiment"] = args.experiment
     apply_overrides(data, args.overrides, "batch_size=128")
     return validate_suite(data)
-
-
-def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, SuiteConfig]:
-    args = build_arg_parser().parse_args(argv)
-    # The checkpoint URI becomes an MLflow tag and a Ray job's log line, like the suite's URIs.
-    for flag in ("checkpoint", "results"):
-        value = getattr(args, flag)
-        if value is not None:
-            try:
-                check_uri(value)
-            except ValueError as e:
-                raise ConfigError(f"--{flag} {redacted(value)!r} {e}.") from None
-    return args, suite_from_args(args)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from clip_core import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from pipelines import storage
+from pipelines.entrypoint import JobError
 from pipelines.evaluate.config import DatasetConfig
 from pipelines.formats import shards
 from pipelines.formats.shards import IMAGE_EXTS, TAR_EXT, sample_image, tar_samples
@@ -21,7 +22,7 @@ CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 
 
-class DatasetError(ValueError):
+class DatasetError(JobError, ValueError):
     """A dataset that cannot be evaluated; the message is one sentence saying what to fix."""
 
 

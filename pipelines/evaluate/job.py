@@ -1,11 +1,12 @@
 """The evaluation job: load a checkpoint, run every dataset and task of a suite (image features on Ray Data,
-text features and metrics in the driver), log to MLflow and return the metrics. `run_evaluation` is the
-entry point the CLI, the scheduled evaluation and tests share.
+text features and metrics in the driver), log to MLflow, write the results JSON and return the metrics. `run`
+is the entry point the CLI, the scheduled evaluation and tests share.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -16,9 +17,10 @@ from PIL import Image
 
 import clip_core
 from pipelines import storage
+from pipelines.entrypoint import JobError
 from pipelines.evaluate import metrics as metric_fns
 from pipelines.evaluate import tracking
-from pipelines.evaluate.config import DatasetConfig, SuiteConfig
+from pipelines.evaluate.config import DatasetConfig, EvaluateConfig, SuiteConfig
 from pipelines.evaluate.datasets import DatasetError, EvalSet, open_dataset, read_item
 from pipelines.evaluate.features import Features, extract_features
 from pipelines.formats import checkpoints
@@ -27,7 +29,7 @@ from pipelines.tracking import use_tracking_server
 TEXT_BATCH = 256
 
 
-class EvaluationError(ValueError):
+class EvaluationError(JobError, ValueError):
     """An evaluation that cannot run; the message is one sentence saying what to fix."""
 
 
@@ -237,24 +239,28 @@ class Evaluation:
     run_id: str | None  # the MLflow evaluation run
     parent_run_id: str | None  # the training run, when the checkpoint came from one
     step: int | None
+    results: str | None = None  # where the results JSON was written
+
+    def __str__(self) -> str:
+        lines = ["", "| metric | value |", "|---|---:|"]
+        lines += [f"| {k} | {'n/a' if math.isnan(v) else f'{v:.4f}'} |" for k, v in self.metrics.items()]
+        if self.run_id:
+            lines.append(f"MLflow run: {self.run_id}")
+        if self.results:
+            lines.append(f"results: {self.results}")
+        return "\n".join(lines)
 
 
-def run_evaluation(
-    checkpoint_uri: str,
-    model: str,
-    suite: SuiteConfig,
-    experiment: str | None = None,
-    parent_run_id: str | None = None,
-    step: int | None = None,
-    log_mlflow: bool = True,
-) -> Evaluation:
+def run(cfg: EvaluateConfig) -> Evaluation:
     """Evaluate one checkpoint on every dataset and task of the suite. Its metrics are
     `{"zeroshot/<dataset>/acc1": value, ...}`, NaN where a metric is undefined (acc5 with fewer than 5 classes).
 
-    A training checkpoint folder's checkpoint.json supplies parent_run_id and step when they are not given;
+    A training checkpoint folder's checkpoint.json supplies the training run and step when the config does not;
     the metrics are then also logged into that training run at that step. Needs a Ray cluster for the image
     features (ray.init() is called if none is connected).
     """
+    checkpoint_uri, model, suite = cfg.checkpoint, cfg.model, cfg.suite
+    parent_run_id, step = cfg.training_run_id, cfg.step
     weights_uri, info = resolve_checkpoint(checkpoint_uri)
     if info:
         if info.get("model") and info["model"] != model:
@@ -269,24 +275,24 @@ def run_evaluation(
     evaluator.extract()  # before the MLflow run: a bad dataset stops the job without leaving a failed run
 
     run_id = None
-    if log_mlflow:
+    if cfg.log_mlflow:
         use_tracking_server()  # credentials of the tracking URI into the environment, out of the job's log
         run_id = tracking.start_eval_run(
-            experiment or suite.experiment, checkpoint_uri, model, parent_run_id, step, suite.to_yaml()
+            cfg.experiment or suite.experiment, checkpoint_uri, model, parent_run_id, step, suite.to_yaml()
         )
     results: dict[str, float] = {}
     ok = False
     try:
-        for cfg in suite.datasets:
-            for task in cfg.tasks:
+        for dataset in suite.datasets:
+            for task in dataset.tasks:
                 artifacts = None
                 if task == "zeroshot_classification":
-                    values, artifacts = evaluator.classification(cfg)
+                    values, artifacts = evaluator.classification(dataset)
                 elif task == "zeroshot_retrieval":
-                    values = evaluator.retrieval(cfg)
+                    values = evaluator.retrieval(dataset)
                 else:
-                    values = evaluator.linear_probe(cfg)
-                named = {metric_name(task, cfg.name, k): v for k, v in values.items()}
+                    values = evaluator.linear_probe(dataset)
+                named = {metric_name(task, dataset.name, k): v for k, v in values.items()}
                 results.update(named)
                 print(
                     "[evaluate] " + ", ".join(f"{k} {v:.4f}" for k, v in named.items() if not math.isnan(v)),
@@ -299,7 +305,7 @@ def run_evaluation(
                     if artifacts:
                         tracking.log_classification_artifacts(
                             run_id,
-                            cfg.name,
+                            dataset.name,
                             artifacts["classnames"],
                             artifacts["result"],
                             artifacts["examples"],
@@ -308,7 +314,22 @@ def run_evaluation(
     finally:
         if run_id:
             tracking.end_run(run_id, ok)
-    return Evaluation(results, run_id, parent_run_id, step)
+    evaluation = Evaluation(results, run_id, parent_run_id, step, cfg.results)
+    if cfg.results:
+        write_results(cfg, evaluation)
+    return evaluation
+
+
+def write_results(cfg: EvaluateConfig, evaluation: Evaluation) -> None:
+    results = {
+        "checkpoint": cfg.checkpoint,
+        "model": cfg.model,
+        "step": evaluation.step,
+        "mlflow_run_id": evaluation.run_id,
+        "training_run_id": evaluation.parent_run_id,
+        "datasets": results_by_dataset(evaluation.metrics),
+    }
+    storage.write_bytes(cfg.results, json.dumps(results, indent=2).encode())
 
 
 def results_by_dataset(results: dict[str, float]) -> dict[str, dict[str, float | None]]:

@@ -85,6 +85,11 @@ class IngestConfig(ResizerConfig, _InputOutput):
     # YAML in and out
 
     @classmethod
+    def load(cls, argv: Sequence[str] | None = None) -> IngestConfig:
+        """The validated config from `--config FILE.yaml` (optional) and command-line overrides."""
+        return validate_config(data_from_args(build_arg_parser().parse_args(argv), _SET_EXAMPLE))
+
+    @classmethod
     def from_yaml(cls, text: str) -> IngestConfig:
         return validate_config(parse_yaml(text, "the YAML text"))
 
@@ -153,11 +158,5 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_config(argv: Sequence[str] | None = None) -> IngestConfig:
-    """The validated config from `--config FILE.yaml` (optional) and command-line overrides."""
-    data = data_from_args(build_arg_parser().parse_args(argv), _SET_EXAMPLE)
-    return validate_config(data)
-
-
 if __name__ == "__main__":
-    print(load_config().to_yaml(), end="")
+    print(IngestConfig.load().to_yaml(), end="")

@@ -20,6 +20,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipelines import storage
+from pipelines.entrypoint import JobError
 
 READ_CHUNK_BYTES = 1 << 20
 CSV_BLOCK_BYTES = 1 << 22
@@ -46,7 +47,7 @@ MAGIC_BYTES = (
 )
 
 
-class InputError(ValueError):
+class InputError(JobError, ValueError):
     """The input cannot be read as configured; the message says what to fix."""
 
 

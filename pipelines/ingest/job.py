@@ -312,8 +312,32 @@ class Progress:
             )
 
 
-def run(cfg: IngestConfig) -> dict:
-    """Run the whole ingest job; returns the manifest. Needs a Ray cluster (ray.init() is called if none)."""
+@dataclass
+class IngestSummary:
+    """What a run wrote: the output folder and its manifest (totals by status, shards, seconds)."""
+
+    output: str
+    manifest: dict
+
+    def __str__(self) -> str:
+        totals = {k: v for k, v in self.manifest["totals"].items() if k != "count"}
+        rows = self.manifest["totals"]["count"]
+        seconds = self.manifest["seconds"]
+        rate = totals.get(SUCCESS, 0) / seconds if seconds else math.nan
+        return "\n".join(
+            ["", "| status | rows | share |", "|---|---:|---:|"]
+            + [f"| {status} | {count} | {count / max(rows, 1):.1%} |" for status, count in totals.items()]
+            + [
+                "",
+                f"{rows} input rows, {totals.get(SUCCESS, 0)} images in {seconds}s ({rate:.1f} images/s)",
+                f"output: {self.output} ({len(self.manifest['shards'])} shards, manifest.json, config.yaml)",
+            ]
+        )
+
+
+def run(cfg: IngestConfig) -> IngestSummary:
+    """Run the whole ingest job and log it to MLflow when cfg.mlflow_experiment is set. Needs a Ray cluster
+    (ray.init() is called if none)."""
     started = time.time()
     # Before anything is written: a safe location, the same run's output (or a fresh one), no leftovers.
     output.prepare(cfg)
@@ -412,19 +436,9 @@ def run(cfg: IngestConfig) -> dict:
         storage.delete(storage.join(cfg.output, writer.STAGING_DIR), recursive=True)
         storage.delete(storage.join(cfg.output, reader.INPUT_CACHE_DIR), recursive=True)
     manifest["seconds"] = round(time.time() - started, 1)
-    return manifest
-
-
-def print_summary(cfg: IngestConfig, manifest: dict) -> None:
-    totals = {k: v for k, v in manifest["totals"].items() if k != "count"}
-    rows = manifest["totals"]["count"]
-    print("\n| status | rows | share |\n|---|---:|---:|")
-    for status, count in totals.items():
-        print(f"| {status} | {count} | {count / max(rows, 1):.1%} |")
-    seconds = manifest["seconds"]
-    rate = totals.get(SUCCESS, 0) / seconds if seconds else math.nan
-    print(f"\n{rows} input rows, {totals.get(SUCCESS, 0)} images in {seconds}s ({rate:.1f} images/s)")
-    print(f"output: {cfg.output} ({len(manifest['shards'])} shards, manifest.json, config.yaml)")
+    if cfg.mlflow_experiment:
+        log_to_mlflow(cfg, manifest)
+    return IngestSummary(cfg.output, manifest)
 
 
 def log_to_mlflow(cfg: IngestConfig, manifest: dict) -> None:

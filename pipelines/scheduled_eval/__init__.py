@@ -4,8 +4,8 @@ calls `launch_background_pass(config_uri)` to start a pass without waiting for i
 
 from pipelines.config import ConfigError
 from pipelines.scheduled_eval.background import BackgroundPass, launch_background_pass
-from pipelines.scheduled_eval.config import ScheduledEvalConfig, load_config
-from pipelines.scheduled_eval.scheduler import PassReport, run_pass
+from pipelines.scheduled_eval.config import ScheduledEvalConfig
+from pipelines.scheduled_eval.scheduler import PassReport, run, run_pass
 
 __all__ = [
     "BackgroundPass",
@@ -13,6 +13,6 @@ __all__ = [
     "PassReport",
     "ScheduledEvalConfig",
     "launch_background_pass",
-    "load_config",
+    "run",
     "run_pass",
 ]

@@ -7,13 +7,22 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, field_validator
 
 from pipelines import storage
-from pipelines.config import Section, add_set_argument, apply_overrides, check_uri, read_yaml, validate
+from pipelines.config import (
+    ConfigError,
+    Section,
+    add_set_argument,
+    apply_overrides,
+    check_uri,
+    read_yaml,
+    validate,
+)
 
 
 class ScheduledEvalConfig(Section):
@@ -36,6 +45,12 @@ class ScheduledEvalConfig(Section):
     # A running claim whose heartbeat is older than this is stale and may be taken over.
     claim_timeout_s: float = Field(600.0, gt=0)
     max_attempts: int = Field(3, gt=0)  # evaluations of one checkpoint that raised before it is given up
+    # From --watch only, never the file (the trainer's background passes read the same file and must end):
+    # seconds between passes until interrupted; None runs one pass.
+    watch: float | None = Field(None, gt=0)
+    # The command line this config came from: a watcher reads it again before every pass, so that it
+    # follows edits to the file (and the suite, which every pass reads).
+    _argv: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("training_outputs", "registered_models")
     @classmethod
@@ -56,6 +71,29 @@ class ScheduledEvalConfig(Section):
         if re.fullmatch(r"v\d+|latest", value.lower()) or not re.fullmatch(r"[A-Za-z0-9_-]+", value):
             raise ValueError("must be letters, digits, '_' or '-', and not 'latest' or 'v<number>'")
         return value
+
+    @classmethod
+    def load(cls, argv: Sequence[str] | None = None) -> ScheduledEvalConfig:
+        """The validated config from `--config FILE.yaml`, `--set FIELD=VALUE` overrides (VALUE is YAML) and
+        `--watch SECONDS`."""
+        args = build_arg_parser().parse_args(argv)
+        if args.watch is not None and args.watch <= 0:
+            raise ConfigError("--watch takes a positive number of seconds between passes.")
+        data = read_config_file(args.config)
+        if "watch" in data:
+            raise ConfigError(
+                f"config file {args.config} sets watch; pass --watch SECONDS on the command line."
+            )
+        apply_overrides(data, args.overrides, "mode=min")
+        if args.watch is not None:
+            data["watch"] = args.watch
+        config = validate_config(data)
+        config._argv = list(sys.argv[1:] if argv is None else argv)
+        return config
+
+    def reload(self) -> ScheduledEvalConfig:
+        """This config read again from the same command line."""
+        return type(self).load(self._argv)
 
 
 def _resolve_relative(path: str, config_uri: str) -> str:
@@ -82,13 +120,6 @@ def read_config_file(uri: str) -> dict[str, Any]:
             for item in data["training_outputs"]
         ]
     return data
-
-
-def load_config(config_uri: str, overrides: Sequence[str] = ()) -> ScheduledEvalConfig:
-    """The validated config from a YAML file plus `FIELD=VALUE` overrides (VALUE is YAML)."""
-    data = read_config_file(config_uri)
-    apply_overrides(data, overrides, "mode=min")
-    return validate_config(data)
 
 
 def build_arg_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 import tempfile
 import time
 import traceback
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 from pipelines import storage
 from pipelines.config import ConfigError
+from pipelines.entrypoint import JobError
 from pipelines.formats import checkpoints
 from pipelines.scheduled_eval import claims
 from pipelines.scheduled_eval.config import ScheduledEvalConfig
@@ -53,6 +55,12 @@ class PassReport:
     busy: list[str] = field(default_factory=list)  # claimed by another scheduler right now
     given_up: list[str] = field(default_factory=list)  # failed max_attempts times
     champion: dict | None = None  # {"version", "checkpoint_uri", "value", "moved"}
+
+    def __str__(self) -> str:
+        return (
+            f"[scheduled-eval] pass done: {self.found} checkpoints found, {len(self.evaluated)} evaluated, "
+            f"{len(self.failed)} failed, {len(self.busy)} busy elsewhere, {len(self.given_up)} given up"
+        )
 
 
 def suite_key(suite_uri: str, suite) -> str:
@@ -128,11 +136,40 @@ def _is_not_found(error: Exception) -> bool:
 # The pass
 
 
+def run(config: ScheduledEvalConfig) -> PassReport:
+    """One pass (a JobError when an evaluation in it failed), or with config.watch a pass every config.watch
+    seconds until interrupted, the config read again before each."""
+    if config.watch is None:
+        report = run_pass(config)
+        if report.failed:
+            raise JobError(
+                f"{len(report.failed)} of the {report.found} checkpoints failed to evaluate "
+                f"({', '.join(report.failed)}); their errors are above, and a later pass retries them."
+            )
+        return report
+    passes = 0
+    while True:
+        try:
+            # Read again before every pass but the first, so that a watcher follows edits to the config.
+            config = config.reload() if passes else config
+            run_pass(config)
+        except ConfigError:
+            raise
+        except Exception:
+            # A watcher outlives a store or tracking server that is briefly down.
+            traceback.print_exc()
+            print(
+                f"[scheduled-eval] pass failed; next pass in {config.watch:g}s", file=sys.stderr, flush=True
+            )
+        passes += 1
+        time.sleep(config.watch)
+
+
 def run_pass(config: ScheduledEvalConfig) -> PassReport:
     """Evaluate every due checkpoint once and move the champion alias; safe to run in many places at once."""
     from mlflow import MlflowClient
 
-    from pipelines.evaluate.config import load_suite
+    from pipelines.evaluate import load_suite
     from pipelines.tracking import use_tracking_server
 
     suite = load_suite(config.suite)
@@ -276,7 +313,7 @@ def _evaluate_claimed(
 
 
 def _evaluate(config: ScheduledEvalConfig, suite, candidate: Candidate):
-    from pipelines.evaluate.job import run_evaluation
+    from pipelines import evaluate
 
     with tempfile.TemporaryDirectory(prefix="scheduled-eval-") as scratch:
         source = _local_copy_if_needed(candidate.source, scratch)
@@ -286,13 +323,15 @@ def _evaluate(config: ScheduledEvalConfig, suite, candidate: Candidate):
             raise ValueError(
                 f"no architecture is known for {candidate.checkpoint_uri}; set `model` in the scheduled-eval config."
             )
-        return run_evaluation(
-            source,
-            model,
-            suite,
-            experiment=config.experiment,
-            parent_run_id=candidate.training_run_id or info.get("mlflow_run_id") or None,
-            step=candidate.step if candidate.step is not None else info.get("step"),
+        return evaluate.run(
+            evaluate.EvaluateConfig(
+                checkpoint=source,
+                model=model,
+                suite=suite,
+                experiment=config.experiment,
+                training_run_id=candidate.training_run_id or info.get("mlflow_run_id") or None,
+                step=candidate.step if candidate.step is not None else info.get("step"),
+            )
         )
 
 

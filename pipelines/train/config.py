@@ -138,6 +138,11 @@ class TrainConfig(Section):
         }
 
     @classmethod
+    def load(cls, argv: Sequence[str] | None = None) -> TrainConfig:
+        """The validated config from `--config FILE.yaml` (optional) and command-line overrides."""
+        return validate_config(data_from_args(build_arg_parser().parse_args(argv), _SET_EXAMPLE))
+
+    @classmethod
     def from_yaml(cls, text: str) -> TrainConfig:
         return validate_config(parse_yaml(text, "the YAML text"))
 
@@ -201,11 +206,5 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_config(argv: Sequence[str] | None = None) -> TrainConfig:
-    """The validated config from `--config FILE.yaml` (optional) and command-line overrides."""
-    data = data_from_args(build_arg_parser().parse_args(argv), _SET_EXAMPLE)
-    return validate_config(data)
-
-
 if __name__ == "__main__":
-    print(load_config().to_yaml(), end="")
+    print(TrainConfig.load().to_yaml(), end="")

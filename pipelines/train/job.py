@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import mlflow
@@ -21,6 +22,7 @@ import clip_core
 from clip_core.training import WarmupCosineSchedule, accumulated_train_step, create_optimizer
 from pipelines import storage
 from pipelines.config import without_credentials
+from pipelines.entrypoint import JobError
 from pipelines.formats.checkpoints import Checkpoint, latest, list_complete, open_checkpoint
 from pipelines.tracking import use_tracking_server
 from pipelines.train import checkpoints, tracking
@@ -31,11 +33,23 @@ CONFIG_FILE = "train_config.yaml"
 WORKERS_DIR = "workers"  # one small file per rank: pid and node, for operators (and the fault test)
 
 
-class JobError(RuntimeError):
-    """The job cannot start with these inputs; the message says what to fix."""
+@dataclass
+class TrainSummary:
+    """The final checkpoint, its metrics and where the run is tracked; printed as JSON."""
+
+    checkpoint: str
+    step: int
+    metrics: dict[str, float]
+    mlflow_run_id: str
+    mlflow_experiment_id: str
+    registered_model: str  # "name vN"
+    seconds: float
+
+    def __str__(self) -> str:
+        return json.dumps(asdict(self), indent=2)
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
+def run(cfg: TrainConfig) -> TrainSummary:
     """Train to cfg.steps (resuming whatever the output already holds) and register the final model."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -48,9 +62,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.resume is not None:
             open_checkpoint(cfg.resume)
         if cfg.eval_config is not None:
-            from pipelines.scheduled_eval import load_config as load_eval_config
+            from pipelines.scheduled_eval import ScheduledEvalConfig
 
-            load_eval_config(cfg.eval_config)  # its ConfigError is a ValueError with one sentence
+            ScheduledEvalConfig.load(["--config", cfg.eval_config])  # a ConfigError is a ValueError
     except (ValueError, FileNotFoundError) as error:
         raise JobError(str(error)) from None
     started = time.time()
@@ -78,15 +92,15 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 f"training ended without a checkpoint at step {cfg.steps} in {cfg.checkpoints_uri}"
             )
         version = tracking.register_final_model(final.model_uri, final.step, cfg.registered_model, final.info)
-    return {
-        "checkpoint": final.uri,
-        "step": final.step,
-        "metrics": final.info.get("metrics", {}),
-        "mlflow_run_id": run.info.run_id,
-        "mlflow_experiment_id": run.info.experiment_id,
-        "registered_model": f"{cfg.registered_model} v{version}",
-        "seconds": round(time.time() - started, 1),
-    }
+    return TrainSummary(
+        checkpoint=final.uri,
+        step=final.step,
+        metrics=final.info.get("metrics", {}),
+        mlflow_run_id=run.info.run_id,
+        mlflow_experiment_id=run.info.experiment_id,
+        registered_model=f"{cfg.registered_model} v{version}",
+        seconds=round(time.time() - started, 1),
+    )
 
 
 @contextlib.contextmanager

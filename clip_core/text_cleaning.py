@@ -26,7 +26,7 @@ except ImportError:  # Python 3.10
 # OpenAI cleans a caption with ftfy.fix_text, html.unescape twice, whitespace collapsing and lower(). ftfy
 # costs 15-100 us per caption, more than all the rest of OpenCLIP's tokenizer, so `fix_text` below returns
 # ftfy's result while skipping the ftfy steps that provably leave the text unchanged. It is only trusted for
-# the ftfy versions it was checked against (tests/test_tokenizer.py fuzzes it against ftfy.fix_text);
+# the ftfy versions it was checked against (tests/core/test_tokenizer.py fuzzes it against ftfy.fix_text);
 # any other version makes it call ftfy.fix_text itself.
 FTFY_CHECKED_VERSIONS = ("6.3.1",)
 FTFY_SHORTCUTS = ftfy.__version__ in FTFY_CHECKED_VERSIONS

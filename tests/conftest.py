@@ -43,7 +43,7 @@ def local_stack() -> Iterator[LocalStack]:
 def auth_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     """A stack of its own (a temp state dir, fresh ports: never the shared one) with Ray token authentication
     and MLflow basic-auth on, started by the command line as a user would, and stopped after the session."""
-    from tests.test_local_stack import _cli, _config_on_free_ports, _start_flags
+    from tests.deploy.test_local_stack import _cli, _config_on_free_ports, _start_flags
 
     state_dir = tmp_path_factory.mktemp("auth-stack")
     config = _config_on_free_ports(ray_num_cpus=1, ray_object_store_bytes=100 * 1024 * 1024)

@@ -4,7 +4,6 @@ would open. Screenshots are kept under test-artifacts/browser/ (gitignored) for 
 """
 
 import uuid
-from pathlib import Path
 
 import matplotlib
 
@@ -15,10 +14,11 @@ import mlflow  # noqa: E402
 import pytest  # noqa: E402
 
 from tests.browser import BrowserError, HeadlessChromium  # noqa: E402
+from tests.paths import BROWSER_ARTIFACTS  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
+ARTIFACTS = BROWSER_ARTIFACTS
 
 
 @pytest.fixture(scope="module")

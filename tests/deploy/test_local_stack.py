@@ -19,11 +19,10 @@ import pytest
 
 from infra.local import processes, services, stack, state
 from pipelines import storage
+from tests.paths import REPO
 
 # Every test here runs the stack's services: the shared stack, or stacks of its own on free ports.
 pytestmark = pytest.mark.stack
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _port_free(port: int) -> bool:

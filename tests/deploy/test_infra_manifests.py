@@ -7,7 +7,6 @@ import copy
 import json
 import re
 import shlex
-from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
@@ -19,7 +18,8 @@ from kubernetes_validate.utils import schema_contents
 from ray.autoscaler._private.util import prepare_config, validate_config
 from referencing import Registry, Resource
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.paths import REPO
+
 K8S_DIR = REPO / "infra" / "k8s"
 # Validated against the oldest minor version EKS still supports in standard support at the time of writing.
 KUBERNETES_VERSION = "1.33"

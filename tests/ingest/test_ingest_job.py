@@ -1,6 +1,6 @@
 """The ingest job end to end: real HTTP on loopback (drawn scenes plus hostile files and endpoints), every
 input row accounted for, duplicates and failures as rows, output read back with webdataset, and S3 output
-through `ray job submit` on the local stack. Kills and resumes are tests/test_ingest_crash.py's."""
+through `ray job submit` on the local stack. Kills and resumes are tests/ingest/test_ingest_crash.py's."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from pipelines.demo import scenes
 from pipelines.demo.data import write_classification_folder, write_retrieval_shards
 from pipelines.evaluate import config, datasets, job
 from pipelines.evaluate.features import extract_features_locally
+from tests.paths import CONFIGS
 
 
 def one_sentence(message: str) -> bool:
@@ -232,9 +233,8 @@ def test_checkpoint_of_another_architecture_stops_with_one_sentence(tiny_checkpo
 
 @pytest.mark.parametrize("name", ["eval-scenes.yaml", "eval-imagenet.yaml"])
 def test_shipped_suite_configs_validate(name):
-    from pathlib import Path
 
-    suite = config.load_suite(str(Path(__file__).resolve().parent.parent / "configs" / name))
+    suite = config.load_suite(str(CONFIGS / name))
     assert suite.datasets and all(d.uri.startswith("s3://") for d in suite.datasets)
     if name == "eval-imagenet.yaml":
         assert suite.datasets[0].classnames == "imagenet" and suite.datasets[0].templates == "imagenet"

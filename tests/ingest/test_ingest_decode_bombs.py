@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,12 +19,12 @@ from PIL import Image
 
 from tests import image_bombs as bombs
 from tests.http_fixtures import HttpTestServer
+from tests.paths import REPO
 
 # Every bomb is refused from its header, so a worker keeps little more than the bytes themselves (the
 # largest is 6.4 MB) or, downloading, its 16 MiB budget of bodies. Before the guards the same files cost
 # 0.2 to 2.3 GB each (a 164-byte TIFF: 770 MB; a 6.4 MB Radiance HDR: 2.3 GB).
 MEMORY_BOUND_MB = 100
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run_child(script: str, *args: str) -> list[dict]:

@@ -36,10 +36,10 @@ from pipelines.scheduled_eval import (
 )
 from pipelines.scheduled_eval.background import TERMINAL
 from pipelines.scheduled_eval.scheduler import record_uri, suite_key
+from tests.paths import REPO
 
 MODEL = "ViT-Tiny-16"
 METRIC = "zeroshot/scenes-color/acc1"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -19,9 +19,9 @@ from pipelines import storage
 from pipelines.train import job, tracking
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import Shard
-from tests.test_local_stack import _job_submit, _stranger_env
+from tests.deploy.test_local_stack import _job_submit, _stranger_env
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SHARDS = [Shard("s3://clip-data/shards/00000.tar", 64), Shard("s3://clip-data/shards/00001.tar", 64)]
 
 

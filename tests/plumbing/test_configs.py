@@ -1,13 +1,10 @@
 """Every shipped config in configs/ validates as the job it is for."""
 
-from pathlib import Path
-
 import pytest
 
 from pipelines.ingest.config import IngestConfig
 from pipelines.train.config import TrainConfig
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+from tests.paths import CONFIGS
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("ingest-*.yaml")), ids=lambda p: p.name)

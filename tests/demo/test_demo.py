@@ -12,17 +12,17 @@ import re
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import mlflow
 import pytest
 
 from pipelines import storage
 from tests.browser import HeadlessChromium
+from tests.paths import BROWSER_ARTIFACTS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
+ARTIFACTS = BROWSER_ARTIFACTS
 STEPS = 30
 
 

@@ -5,7 +5,6 @@ pure form on thousands of rows with many duplicates."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +21,7 @@ from pipelines.ingest.dedup import (
     mark_content_duplicates,
     mark_url_duplicates,
 )
+from tests.paths import REPO
 
 
 def key_of(row_index: int) -> str:
@@ -172,7 +172,7 @@ def test_hash_partition_puts_equal_keys_together_and_is_stable():
         printed = subprocess.run(
             [sys.executable, "-c", script],
             env={**os.environ, "PYTHONHASHSEED": seed},
-            capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1],
+            capture_output=True, text=True, check=True, cwd=REPO,
         ).stdout  # fmt: skip
         assert printed.strip() == str(hash_partition(keys, 1_000_003).tolist())
     assert len(set(hash_partition([f"u{i}" for i in range(1000)], 8).tolist())) == 8

@@ -29,7 +29,7 @@ from ingest_vs_img2dataset import REPO, generate_images, start_nginx  # noqa: E4
 from infra import local  # noqa: E402
 from pipelines import storage  # noqa: E402
 from pipelines.formats import shards as shard_format  # noqa: E402
-from pipelines.ingest import writer  # noqa: E402
+from pipelines.ingest import write_manifest  # noqa: E402
 
 TARGET_SAMPLES = 400_000_000
 S3_PAGE = 1000  # keys per ListObjectsV2 page (the S3 maximum)
@@ -136,9 +136,7 @@ def main() -> None:
             assert len(entries) == objects, (len(entries), objects)
             committed_seconds, committed = timed(lambda: shard_format.committed_shards(prefix), args.repeats)
             assert len(committed) == args.shards
-            manifest_seconds, manifest = timed(
-                lambda: writer.write_manifest(prefix, expected_shards=args.shards), 1
-            )
+            manifest_seconds, manifest = timed(lambda: write_manifest(prefix, expected_shards=args.shards), 1)
             manifest_bytes = len(storage.read_bytes(shard_format.manifest_uri(prefix)))
             resolve_seconds, shards = timed(lambda: resolve_shards([prefix]), args.repeats)
             assert len(shards) == args.shards and manifest["complete"]

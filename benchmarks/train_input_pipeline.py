@@ -28,8 +28,8 @@ from PIL import Image
 import clip_core
 from clip_core.training import create_optimizer, train_step
 from pipelines.demo import scenes
-from pipelines.formats.shards import MANIFEST_NAME
-from pipelines.ingest import writer
+from pipelines.formats.shards import MANIFEST_NAME, SUCCESS, shard_name
+from pipelines.ingest import write_manifest, write_shard
 from pipelines.train import data
 
 MODEL = "ViT-Tiny-16"
@@ -51,16 +51,16 @@ def make_shards(root: Path, num_samples: int, num_shards: int, image_px: int) ->
                     {
                         "row_index": index,
                         "shard_id": shard_id,
-                        "key": f"{shard_id:05d}{i:04d}",
+                        "key": f"{shard_name(shard_id)}{i:04d}",
                         "url": f"https://img.example.com/{index}.jpg",
                         "caption": scene.caption,
-                        "status": "success",
+                        "status": SUCCESS,
                         "image": buffer.getvalue(),
                         "image_ext": "jpg",
                     }
                 )
-            writer.write_shard(str(root), shard_id, rows)
-        writer.write_manifest(str(root), expected_shards=num_shards)
+            write_shard(str(root), shard_id, rows)
+        write_manifest(str(root), expected_shards=num_shards)
     return data.resolve_shards([str(root)])
 
 

@@ -21,8 +21,8 @@ class JobError(Exception):
 
 def main(name: str, load: Callable[[Sequence[str]], Any], job: str) -> None:
     """Run job module `job`'s `run` on the config `load` builds from this process's argv, and print the summary
-    it returns. The job module is imported only once the config is valid, so a bad command line fails before
-    Ray, torch or MLflow load. Anything but a ConfigError or JobError is a bug: it keeps its traceback."""
+    it returns. The job module is imported only after the config has loaded, so a bad command line stops before
+    whatever only the job module imports. Anything but a ConfigError or JobError is a bug: it keeps its traceback."""
     try:
         cfg = load(sys.argv[1:])
         summary = importlib.import_module(job).run(cfg)

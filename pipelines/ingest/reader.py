@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines import failpoints, storage
+from pipelines.formats.shards import shard_name
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.input_formats import (
     FORMATS,
@@ -89,7 +90,7 @@ def key_digits(samples_per_shard: int) -> int:
 
 def shard_key(row_index: int, samples_per_shard: int) -> str:
     shard_id, position = divmod(row_index, samples_per_shard)
-    return f"{shard_id:05d}{position:0{key_digits(samples_per_shard)}d}"
+    return f"{shard_name(shard_id)}{position:0{key_digits(samples_per_shard)}d}"
 
 
 # ---------------------------------------------------------------------------------------------------------

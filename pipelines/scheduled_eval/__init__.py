@@ -5,14 +5,12 @@ calls `launch_background_pass(config_uri)` to start a pass without waiting for i
 from pipelines.config import ConfigError
 from pipelines.scheduled_eval.background import BackgroundPass, launch_background_pass
 from pipelines.scheduled_eval.config import ScheduledEvalConfig
-from pipelines.scheduled_eval.scheduler import PassReport, run, run_pass
+from pipelines.scheduled_eval.scheduler import run_pass
 
 __all__ = [
     "BackgroundPass",
     "ConfigError",
-    "PassReport",
     "ScheduledEvalConfig",
     "launch_background_pass",
-    "run",
     "run_pass",
 ]

@@ -57,7 +57,7 @@ class Stages:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="where every stage writes")
     parser.add_argument("--name", default="clip-ray-demo", help="MLflow experiment and registered model name")
     parser.add_argument("--scenes", type=int, default=5000, help="image-caption pairs to ingest and train on")

@@ -6,6 +6,7 @@ commits); tests/test_architecture.py pins the layering rules on the same graph.
 
 import argparse
 import ast
+import functools
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,9 +43,10 @@ def imported_names(path: Path, repo: Path = REPO) -> set[str]:
     return found
 
 
+@functools.cache
 def graph(repo: Path = REPO) -> dict[str, set[str]]:
     """Module -> the repo's own modules it imports (external ones left out). `from a import b` counts as
-    importing the module a.b when there is one, else the module a."""
+    importing the module a.b when there is one, else the module a. Read once per process: do not change it."""
     files = source_files(repo)
     ours = {module_name(p, repo) for p in files}
 
@@ -61,6 +63,7 @@ def graph(repo: Path = REPO) -> dict[str, set[str]]:
     return result
 
 
+@functools.cache
 def external_imports() -> dict[str, set[str]]:
     """Module -> top-level names of the third-party and standard-library modules it imports."""
     return {

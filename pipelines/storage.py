@@ -105,6 +105,13 @@ def _local(uri: str | os.PathLike) -> Path:
     return Path(uri).expanduser().absolute()
 
 
+def listing_root(uri: str | os.PathLike) -> str:
+    """`uri` spelt the way list_files spells the entries under it, so that `entry[len(root):]` is the entry's
+    path relative to `uri`. Local paths become absolute with `..` kept (the kernel, not the string, resolves
+    it: with symlinks the two differ); S3 URIs lose trailing slashes."""
+    return str(uri).rstrip("/") if is_s3(uri) else str(_local(uri))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Clients for the three client libraries the pipeline uses
 

@@ -42,7 +42,7 @@ class EvalSet:
 
 
 def _root(uri: str) -> str:
-    return uri.rstrip("/") if storage.is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
+    return storage.listing_root(uri)
 
 
 def _relative(root: str, entry_uri: str) -> str:

@@ -83,11 +83,7 @@ def stats_shard_id(name: str) -> int | None:
 def committed_shards(output_uri: str, settings: storage.S3Settings | None = None) -> set[int]:
     """Shards whose stats file exists directly in the output folder."""
     # list_files gives local entries as absolute paths, and lists subfolders too: only direct children count.
-    root = (
-        output_uri.rstrip("/")
-        if storage.is_s3(output_uri)
-        else os.path.abspath(os.path.expanduser(output_uri))
-    )
+    root = storage.listing_root(output_uri)
     found = set()
     for entry in storage.list_files(output_uri, settings=settings):
         shard_id = stats_shard_id(entry.uri[len(root) :].lstrip("/"))

@@ -108,7 +108,7 @@ def check_location(cfg: IngestConfig) -> None:
     elif Path(out).parent == Path(out):
         raise ConfigError(f"output {cfg.output} is the filesystem root; give it a folder of its own")
 
-    pattern = cfg.input if storage.is_s3(cfg.input) else str(Path(cfg.input).expanduser().absolute())
+    pattern = storage.listing_root(cfg.input)
     root = _glob_root(pattern)
     inputs = _normal(root if root is not None else pattern)
     if _within(inputs, out):
@@ -123,9 +123,7 @@ def check_location(cfg: IngestConfig) -> None:
         )
     if root is not None and _within(out, inputs):
         matcher = reader._glob_regex(pattern)
-        absolute_out = (
-            cfg.output if storage.is_s3(cfg.output) else str(Path(cfg.output).expanduser().absolute())
-        )
+        absolute_out = storage.listing_root(cfg.output)
         for candidate in (absolute_out, out):
             if matcher.match(storage.join(candidate, _SAMPLE_SHARD)):
                 raise ConfigError(

@@ -129,17 +129,12 @@ def _glob_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out) + r"\Z")
 
 
-def _absolute(uri: str) -> str:
-    # Same normalisation as storage.list_files, so that listed paths and patterns compare equal.
-    return uri if storage.is_s3(uri) else str(Path(uri).expanduser().absolute())
-
-
 def list_input_files(input_uri: str, input_format: str = "auto") -> list[tuple[str, str, str | None]]:
     """(uri, format, compression) of every input file, sorted by path. Raises InputError if there are none."""
     wanted = "any supported format (.parquet, .csv, .tsv, .jsonl, optionally .gz)"
     if input_format != "auto":
         wanted = f"format {input_format} (.{input_format} or .{input_format}.gz)"
-    uri = _absolute(input_uri)
+    uri = storage.listing_root(input_uri)
     if any(c in uri for c in "*?["):
         segments = uri.split("/")
         fixed = list(itertools.takewhile(lambda s: not any(c in s for c in "*?["), segments))

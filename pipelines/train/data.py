@@ -101,7 +101,7 @@ def resolve_shards(data: list[str] | str, settings: storage.S3Settings | None = 
 
 def _resolve_entry(entry: str, settings: storage.S3Settings | None) -> list[Shard]:
     # Local paths become absolute: Ray Train workers need not share the driver's working directory.
-    entry = entry.rstrip("/") if storage.is_s3(entry) else os.path.abspath(os.path.expanduser(entry))
+    entry = storage.listing_root(entry)
     if entry.endswith(".json"):
         manifest = _read_json(entry, settings)
         if manifest is None:

@@ -65,3 +65,13 @@ def test_sample_image_prefers_the_first_image_extension():
     assert shards.sample_image({"webp": b"W"}) == b"W"
     assert shards.sample_image({"txt": b"t", "json": b"{}"}) is None
     assert set(shards.SHARD_IMAGE_EXTS) <= set(shards.IMAGE_EXTS)
+
+
+def test_committed_shards_are_the_same_however_the_output_is_spelt(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "a").mkdir()
+    (out / shards.stats_name(0)).write_text("{}")
+    monkeypatch.chdir(tmp_path / "a")
+    spellings = [str(out), f"{out}/", str(tmp_path / "a" / ".." / "out"), "../out", "../a/../out/"]
+    assert {spelling: shards.committed_shards(spelling) for spelling in spellings} == dict.fromkeys(spellings, {0})

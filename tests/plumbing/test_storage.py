@@ -161,6 +161,18 @@ def test_list_files_is_recursive_with_sizes_and_stops_at_the_directory_boundary(
     assert len(storage.list_files(root)) == 3
 
 
+def test_entries_are_spelt_under_the_listing_root_however_the_folder_is_spelt(root):
+    storage.write_bytes(storage.join(root, "shards", "sub", "1.tar"), b"a")
+    spellings = [storage.join(root, "shards"), storage.join(root, "shards") + "/"]
+    if not storage.is_s3(root):
+        spellings.append(storage.join(root, "shards", "sub", ".."))
+    for spelling in spellings:
+        listing_root = storage.listing_root(spelling)
+        (entry,) = storage.list_files(spelling)
+        assert entry.uri.startswith(listing_root), spelling
+        assert entry.uri[len(listing_root) :] == "/sub/1.tar", spelling
+
+
 def test_delete_removes_files_and_with_recursive_whole_directories(root):
     storage.write_bytes(storage.join(root, "keep.bin"), b"k")
     for i in range(3):

@@ -95,7 +95,10 @@ class MultiNodeCluster:
 
     def driver_env(self) -> dict[str, str]:
         """What a driver process (or `ray job submit`) needs to reach this cluster."""
-        return self.node_env() | {"RAY_ADDRESS": self.gcs_address, "RAY_API_SERVER_ADDRESS": self.dashboard_url}
+        return self.node_env() | {
+            "RAY_ADDRESS": self.gcs_address,
+            "RAY_API_SERVER_ADDRESS": self.dashboard_url,
+        }
 
     def start(self) -> None:
         if self.root is None:
@@ -162,7 +165,9 @@ class MultiNodeCluster:
         """The cluster's own view: every node the GCS knows, alive or dead (Ray's state API)."""
         from ray.util.state import list_nodes
 
-        return [n.__dict__ if hasattr(n, "__dict__") else dict(n) for n in list_nodes(address=self.dashboard_url)]
+        return [
+            n.__dict__ if hasattr(n, "__dict__") else dict(n) for n in list_nodes(address=self.dashboard_url)
+        ]
 
     def wait_for_nodes(self, count: int, timeout_s: float = START_TIMEOUT_S) -> None:
         """Until `count` nodes are alive in the GCS's view (and record each node's id by its address)."""
@@ -171,7 +176,9 @@ class MultiNodeCluster:
         while time.monotonic() < deadline:
             for node in self.nodes:
                 if not node.alive and node.node_id is None:
-                    raise RuntimeError(f"the Ray node on {node.address} exited:\n{node.log.read_text()[-3000:]}")
+                    raise RuntimeError(
+                        f"the Ray node on {node.address} exited:\n{node.log.read_text()[-3000:]}"
+                    )
             try:
                 alive = [n for n in self.ray_nodes() if n["state"] == "ALIVE"]
             except Exception as error:  # the dashboard is not up yet

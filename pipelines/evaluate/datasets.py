@@ -6,7 +6,6 @@ ingest shards, opened as a list of work items (one image file or one tar shard e
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field

@@ -5,7 +5,6 @@ written last as its commit mark; the ingest writer writes them, training and eva
 from __future__ import annotations
 
 import json
-import os
 import re
 import tarfile
 from collections.abc import Container, Iterator

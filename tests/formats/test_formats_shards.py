@@ -74,4 +74,6 @@ def test_committed_shards_are_the_same_however_the_output_is_spelt(tmp_path, mon
     (out / shards.stats_name(0)).write_text("{}")
     monkeypatch.chdir(tmp_path / "a")
     spellings = [str(out), f"{out}/", str(tmp_path / "a" / ".." / "out"), "../out", "../a/../out/"]
-    assert {spelling: shards.committed_shards(spelling) for spelling in spellings} == dict.fromkeys(spellings, {0})
+    assert {spelling: shards.committed_shards(spelling) for spelling in spellings} == dict.fromkeys(
+        spellings, {0}
+    )

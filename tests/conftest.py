@@ -16,6 +16,7 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from infra import local  # noqa: E402
+from infra.local.multinode import MultiNodeCluster  # noqa: E402
 from pipelines import storage  # noqa: E402
 
 
@@ -74,6 +75,15 @@ def s3_prefix(local_stack: LocalStack) -> Iterator[str]:
     prefix = f"s3://{local.DATA_BUCKET}/tests/{uuid.uuid4().hex}"
     yield prefix
     storage.delete(prefix, recursive=True, settings=local_stack.s3_settings)
+
+
+@pytest.fixture
+def multinode_ray(local_stack: LocalStack) -> Iterator[MultiNodeCluster]:
+    """A Ray cluster of its own with a 0-CPU head on 127.0.0.11 (the shipped cluster's shape); the test adds
+    worker nodes (127.0.0.12, ...) and kills them. Every node has the stack's S3 settings, the shared store."""
+    s3 = {k: v for k, v in local_stack.env.items() if k.startswith(("AWS_", "MLFLOW_"))}
+    with MultiNodeCluster(env=s3) as cluster:
+        yield cluster
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from clip_core import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
@@ -138,9 +139,17 @@ def open_wds(cfg: DatasetConfig, uri: str, split: str) -> EvalSet:
     )
 
 
+# Stats files are small: read in parallel, so that opening an output of thousands of S3 shards takes seconds.
+STATS_READ_THREADS = 16
+
+
 def open_ingest(cfg: DatasetConfig, uri: str) -> EvalSet:
     """Our ingest output: the tars of its committed shards."""
-    items = [{"uri": tar} for tar in shards.committed_tars(uri)]
+    tars = shards.committed_tars(uri)
+    with ThreadPoolExecutor(STATS_READ_THREADS) as pool:
+        excluded = list(pool.map(shards.excluded_keys_of_tar, tars))
+    # The keys a shard's stats exclude (content duplicates, CLIP-score rejects) are not part of the set.
+    items = [{"uri": tar, "excluded": sorted(keys)} for tar, keys in zip(tars, excluded)]
     classnames, templates = _names_and_templates(cfg, uri)
     return EvalSet(cfg.name, uri, "ingest", items, classnames, templates, max_samples=cfg.max_samples)
 
@@ -180,7 +189,10 @@ def read_item(item: dict, captions_in_lines: bool = False) -> Iterator[dict]:
         yield {"key": uri, "image": storage.read_bytes(uri), "label": int(item["label"]), "captions": []}
         return
     with storage.open_read(uri) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        excluded = frozenset(item.get("excluded", ()))
         for key, members in tar_samples(tar):
+            if key in excluded:
+                continue
             sample = _sample(uri, key, members, captions_in_lines)
             if sample is not None:
                 yield sample

@@ -75,8 +75,10 @@ def load_work_item(
 
 def _work_item_samples(item: dict) -> Iterator[dict]:
     count = 0
-    for uri, label in zip(json.loads(item["uris"]), json.loads(item["labels"])):
-        for sample in read_item({"uri": uri, "label": label}, bool(item["captions_in_lines"])):
+    described = zip(json.loads(item["uris"]), json.loads(item["labels"]), json.loads(item["excluded"]))
+    for uri, label, excluded in described:
+        read = {"uri": uri, "label": label, "excluded": excluded}
+        for sample in read_item(read, bool(item["captions_in_lines"])):
             if item["limit"] and count >= item["limit"]:
                 return
             count += 1
@@ -98,6 +100,7 @@ def work_items(eval_sets: list[EvalSet]) -> list[dict]:
                 {
                     "uris": json.dumps([item["uri"] for item in group]),
                     "labels": json.dumps([int(item.get("label", -1)) for item in group]),
+                    "excluded": json.dumps([item.get("excluded", []) for item in group]),
                     "set": i,
                     "captions_in_lines": eval_set.captions_in_lines,
                     # A file group can stop at the set's limit only as a whole: the driver trims the rest.

@@ -26,6 +26,12 @@ SHARD_IMAGE_EXTS = ("jpg", "png", "webp")
 # ours and the "jpeg" that other WebDataset and image-folder writers use.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
+# A shard's tar is written as soon as its images are downloaded, before the run-wide content dedup and the
+# CLIP-score filter have decided every row: writing it once, rather than staging the images and writing them
+# again, halves the bytes an ingest run moves. The samples that those later steps turned away stay in the tar,
+# and the stats file lists their keys under this name; every reader skips them (the Parquet rows say why).
+EXCLUDED_KEYS = "excluded_keys"
+
 MANIFEST_NAME = "manifest.json"
 TAR_EXT = ".tar"
 STATS_SUFFIX = "_stats.json"
@@ -98,6 +104,20 @@ def committed_tars(output_uri: str, settings: storage.S3Settings | None = None) 
 
 def read_stats(output_uri: str, shard_id: int, settings: storage.S3Settings | None = None) -> dict:
     return json.loads(storage.read_bytes(stats_uri(output_uri, shard_id), settings=settings))
+
+
+def excluded_keys(stats: dict[str, Any]) -> frozenset[str]:
+    """The keys a committed shard's tar holds that are not samples of the dataset (see EXCLUDED_KEYS)."""
+    return frozenset(stats.get(EXCLUDED_KEYS, ()))
+
+
+def excluded_keys_of_tar(tar: str, settings: storage.S3Settings | None = None) -> frozenset[str]:
+    """excluded_keys of the shard a tar URI belongs to; none when the tar has no stats file beside it (a
+    WebDataset tar from another tool)."""
+    uri = stats_uri_of_tar(tar)
+    if not storage.exists(uri, settings=settings):
+        return frozenset()
+    return excluded_keys(json.loads(storage.read_bytes(uri, settings=settings)))
 
 
 def read_manifest(output_uri: str, settings: storage.S3Settings | None = None) -> dict[str, Any]:

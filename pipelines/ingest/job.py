@@ -4,13 +4,19 @@ It runs top to bottom like the pipeline:
   0. prepare    refuse an unsafe output or another run's output; remove what killed writes left
   1. plan       split the input into shards (same rows every time); committed shards are skipped
   2. url dedup  over the whole input, first occurrence by input order wins (hash-partitioned on Ray)
-  3. stage      per shard: read rows, download, decode + resize, filter -> staged Parquet with image bytes
+  3. stage      per shard: read rows, download, decode + resize, filter -> the shard's final tar, and its rows
+                (no images) staged as Parquet
   4. clip score optional, per staged shard, in an actor pool (GPUs when asked for)
   5. dedup      content duplicates (sha256) over the whole run, first occurrence by input order wins
-  6. write      per shard: tar + parquet + stats (the commit), then the staged file goes
+  6. write      per shard: parquet + stats (the commit), then the staged rows go
   7. manifest   totals, summary table, MLflow
-Content dedup needs every shard's bytes before any shard can be final, hence the staging step. A job killed at
-any moment resumes from what was staged or committed, and gives the rows an uninterrupted run gives.
+Content dedup needs every shard's hashes before any shard can be final. The images go into their tar once, as
+they are downloaded; the samples that content dedup or the CLIP score later turn away stay in the tar and are
+listed in the shard's stats as excluded_keys, which every reader skips (formats.shards.EXCLUDED_KEYS). So the
+store receives each image once, not twice as it would if the images were staged and then written again.
+Steps 3 and 6 are one Ray task per shard, so a node that joins mid-run takes shards as soon as it is up, and a
+node lost costs only its in-flight shards, which Ray runs again elsewhere. A job killed at any moment resumes
+from what was staged or committed, and gives the rows an uninterrupted run gives.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import tarfile
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -160,27 +167,66 @@ def _from_ipc(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(data).read_all()
 
 
-class StageShards:
-    """Ray Data UDF for step 3: one item is one shard; returns its counts by status."""
+# Ray may retry a shard task this many times when its worker or node is lost (a preempted or scaled-down
+# node); errors raised by our code are not retried (they are per-sample rows already, or bugs).
+SHARD_TASK_RETRIES = 20
+# Staged rows record which keys the tar holds (their status may change later: CLIP score, content dedup).
+IN_TAR = "in_tar"
 
-    def __init__(self, cfg: IngestConfig, specs: dict[int, reader.ShardSpec]):
-        self.cfg = cfg
-        self.specs = specs
-        self.stager = ShardStager(self.cfg)
+_stagers: dict[str, ShardStager] = {}
 
-    def __call__(self, item: dict) -> dict:
-        started = time.time()
-        shard_id = item["shard_id"]
-        table = self.stager.stage(self.specs[shard_id], _from_ipc(item["url_duplicates"]))
-        failpoints.reach("stage.shard_done", shard_id)
-        write_table(writer.staged_uri(self.cfg.output, shard_id), table, "stage.shard_writing", shard_id)
-        failpoints.reach("stage.shard_written", shard_id)
-        counts = Counter(table["status"].to_pylist())
-        return {"shard_id": item["shard_id"], "counts": json.dumps(counts), "seconds": time.time() - started}
+
+def _stager(cfg: IngestConfig) -> ShardStager:
+    """The worker process's stager for this config: Ray reuses a worker process for many shard tasks, and the
+    downloader's connections and event loop carry over between them."""
+    key = cfg.to_yaml()
+    if key not in _stagers:
+        for old in _stagers.values():
+            old.close()
+        _stagers.clear()
+        _stagers[key] = ShardStager(cfg)
+    return _stagers[key]
+
+
+def stage_shard(item: dict, cfg: IngestConfig, specs: dict[int, reader.ShardSpec]) -> dict:
+    """Ray Data task for step 3, one shard: download, decode and filter its rows, write its tar, then stage
+    its rows without images (the staged file's presence says the tar is complete). Returns counts by status."""
+    started = time.time()
+    shard_id = item["shard_id"]
+    table = _stager(cfg).stage(specs[shard_id], _from_ipc(item["url_duplicates"]))
+    failpoints.reach("stage.shard_done", shard_id)
+    tar_keys, tar_bytes = writer.write_tar(cfg.output, shard_id, table)
+    failpoints.reach("stage.tar_written", shard_id)
+    rows = table.drop_columns(["image"])
+    rows = rows.append_column(IN_TAR, pa.array(pc.is_in(rows["key"], pa.array(tar_keys, pa.string()))))
+    rows = rows.replace_schema_metadata({b"tar_bytes": str(tar_bytes).encode()})
+    write_table(writer.staged_uri(cfg.output, shard_id), rows, "stage.shard_writing", shard_id)
+    failpoints.reach("stage.shard_written", shard_id)
+    counts = Counter(table["status"].to_pylist())
+    return {
+        "shard_id": shard_id,
+        "counts": json.dumps(counts),
+        "seconds": time.time() - started,
+        "node_id": ray.get_runtime_context().get_node_id(),
+    }
+
+
+def tar_images(output_uri: str, shard_id: int) -> dict[str, tuple[bytes, str]]:
+    """key -> (image bytes, extension) of the samples in a shard's tar."""
+    images = {}
+    with (
+        storage.open_read(shards.tar_uri(output_uri, shard_id)) as stream,
+        tarfile.open(fileobj=stream, mode="r|") as tar,
+    ):
+        for key, members in shards.tar_samples(tar, keep=shards.SHARD_IMAGE_EXTS):
+            ext = next(ext for ext in shards.SHARD_IMAGE_EXTS if ext in members)
+            images[key] = (members[ext], ext)
+    return images
 
 
 class ScoreShards:
-    """Ray Data actor-pool UDF for step 4: adds `clip_score` to a staged shard and filters below threshold."""
+    """Ray Data actor-pool UDF for step 4: adds `clip_score` to a staged shard and filters below threshold,
+    scoring the images its tar holds."""
 
     def __init__(self, cfg: IngestConfig, device: str):
         self.cfg = cfg
@@ -191,30 +237,38 @@ class ScoreShards:
         uri = writer.staged_uri(self.cfg.output, item["shard_id"])
         table = read_table(uri)
         if "clip_score" not in table.column_names:
+            metadata = table.schema.metadata
+            images = tar_images(self.cfg.output, item["shard_id"])
+            keys = table["key"].to_pylist()
+            with_images = table.append_column(
+                "image", pa.array([images.get(k, (None,))[0] for k in keys], pa.binary())
+            )
             carried = [table.schema.field(name) for name in writer.carried_names(table.column_names)]
-            schema = writer.staged_schema(carried, scored=True)
-            scored = pa.Table.from_pandas(self.scorer(table.to_pandas()), preserve_index=False)
+            schema = writer.staged_schema([f for f in carried if f.name != IN_TAR], scored=True)
+            schema = schema.append(pa.field(IN_TAR, pa.bool_()))
+            scored = pa.Table.from_pandas(self.scorer(with_images.to_pandas()), preserve_index=False)
             # Back to the staged types: pandas turns integer columns with nulls into floats.
-            write_table(uri, scored.select(schema.names).cast(schema))
+            scored = scored.select(schema.names).cast(schema).drop_columns(["image"])
+            write_table(uri, scored.replace_schema_metadata(metadata))
             failpoints.reach("score.shard_written", item["shard_id"])
         return {"shard_id": item["shard_id"]}
 
 
-class WriteShards:
-    """Ray Data UDF for step 6: marks content duplicates, writes and commits the final shard."""
-
-    def __init__(self, cfg: IngestConfig):
-        self.cfg = cfg
-
-    def __call__(self, item: dict) -> dict:
-        uri = writer.staged_uri(self.cfg.output, item["shard_id"])
-        table = read_table(uri)
-        if self.cfg.dedup.content:
-            table = dedup.apply_duplicates(table, _from_ipc(item["content_duplicates"]), "content")
-        stats = writer.write_shard(self.cfg.output, item["shard_id"], table)
-        failpoints.reach("write.committed", item["shard_id"])
-        storage.delete(uri)
-        return {"shard_id": item["shard_id"], "counts": json.dumps(stats["counts"])}
+def write_shard(item: dict, cfg: IngestConfig) -> dict:
+    """Ray Data task for step 6, one shard: marks content duplicates and commits the shard (its tar is
+    written already), then removes its staged rows."""
+    started = time.time()
+    uri = writer.staged_uri(cfg.output, item["shard_id"])
+    table = read_table(uri)
+    tar_bytes = int(table.schema.metadata[b"tar_bytes"])
+    if cfg.dedup.content:
+        table = dedup.apply_duplicates(table, _from_ipc(item["content_duplicates"]), "content")
+    tar_keys = pc.filter(table["key"], table[IN_TAR]).to_pylist()
+    rows = table.drop_columns([IN_TAR])
+    stats = writer.commit_shard(cfg.output, item["shard_id"], rows, tar_keys, tar_bytes, started)
+    failpoints.reach("write.committed", item["shard_id"])
+    storage.delete(uri)
+    return {"shard_id": item["shard_id"], "counts": json.dumps(stats["counts"])}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -339,12 +393,16 @@ def run(cfg: IngestConfig) -> IngestSummary:
     """Run the whole ingest job and log it to MLflow when cfg.mlflow_experiment is set. Needs a Ray cluster
     (ray.init() is called if none)."""
     started = time.time()
-    # Before anything is written: a safe location, the same run's output (or a fresh one), no leftovers.
-    output.prepare(cfg)
-    storage.write_bytes(storage.join(cfg.output, "config.yaml"), cfg.to_yaml().encode())
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
-    workers = cfg.concurrency.download_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # Before anything is written: a store every node shares, a safe location, the same run's output (or a
+    # fresh one), no leftovers.
+    output.check_shared(cfg, len([n for n in ray.nodes() if n["Alive"]]))
+    output.prepare(cfg)
+    storage.write_bytes(storage.join(cfg.output, "config.yaml"), cfg.to_yaml().encode())
+    # None: as many shard tasks at once as the cluster has CPUs at each moment, nodes joining included.
+    workers = cfg.concurrency.download_workers
+    shard_tasks = ray.data.TaskPoolStrategy(size=workers) if workers else None
 
     last = [time.time()]
 
@@ -379,11 +437,13 @@ def run(cfg: IngestConfig) -> IngestSummary:
     progress = Progress()
     if to_stage:
         items = [{"shard_id": s, "url_duplicates": by_shard[s]} for s in to_stage]
-        staging = ray.data.from_items(items).map(
-            StageShards,
-            fn_constructor_kwargs={"cfg": cfg, "specs": specs},
-            concurrency=min(workers, len(items)),
+        # One block, so one task, per shard: tasks go to whatever CPUs the cluster has when each starts.
+        staging = ray.data.from_items(items, override_num_blocks=len(items)).map(
+            stage_shard,
+            fn_kwargs={"cfg": cfg, "specs": specs},
             num_cpus=1,
+            compute=shard_tasks,
+            max_retries=SHARD_TASK_RETRIES,
             runtime_env={"env_vars": opencv_limits(cfg)},
         )
         for result in staging.iter_rows():
@@ -396,10 +456,18 @@ def run(cfg: IngestConfig) -> IngestSummary:
     score = cfg.filters.clip_score
     if score is not None and pending:
         use_gpu = score.use_gpu and ray.cluster_resources().get("GPU", 0) > 0
-        scoring = ray.data.from_items([{"shard_id": s} for s in pending]).map(
+        # On GPUs the pool grows up to one scorer per GPU the cluster has (or gains: the autoscaler may add
+        # GPU nodes while the pool runs); on CPU one scorer, as the model uses every core of its node.
+        scorers = ray.data.ActorPoolStrategy(
+            min_size=1,
+            max_size=max(1, int(ray.cluster_resources().get("GPU", 0)), len(pending)) if use_gpu else 1,
+        )
+        scoring = ray.data.from_items(
+            [{"shard_id": s} for s in pending], override_num_blocks=len(pending)
+        ).map(
             ScoreShards,
             fn_constructor_kwargs={"cfg": cfg, "device": "cuda" if use_gpu else "cpu"},
-            concurrency=max(1, int(ray.cluster_resources().get("GPU", 0))) if use_gpu else 1,
+            compute=scorers,
             num_gpus=1 if use_gpu else 0,
         )
         scoring.materialize()
@@ -417,11 +485,12 @@ def run(cfg: IngestConfig) -> IngestSummary:
     # 6. write
     if pending:
         items = [{"shard_id": s, "content_duplicates": by_shard[s]} for s in pending]
-        writing = ray.data.from_items(items).map(
-            WriteShards,
-            fn_constructor_kwargs={"cfg": cfg},
-            concurrency=min(workers, len(items)),
+        writing = ray.data.from_items(items, override_num_blocks=len(items)).map(
+            write_shard,
+            fn_kwargs={"cfg": cfg},
             num_cpus=1,
+            compute=shard_tasks,
+            max_retries=SHARD_TASK_RETRIES,
         )
         writing.materialize()
         phase("write shards")

@@ -18,7 +18,8 @@ from pipelines.ingest import reader, writer
 from pipelines.ingest.config import IngestConfig
 
 FINGERPRINT_NAME = "fingerprint.json"
-FINGERPRINT_FORMAT = 1
+# 2: tars are written at download time and stats list excluded_keys; staged rows no longer hold images.
+FINGERPRINT_FORMAT = 2
 # Config fields that change how a run goes but not which bytes a row ends with, so a resumed run may change
 # them (more workers, longer timeouts). Every other field, including any added later, is in the fingerprint.
 OPERATIONAL_FIELDS = frozenset(
@@ -73,6 +74,15 @@ def prepare(cfg: IngestConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Where an output may live
+
+
+def check_shared(cfg: IngestConfig, alive_nodes: int) -> None:
+    """Refuse a local output on a cluster of several nodes: each node would write its shards to its own disk."""
+    if alive_nodes > 1 and not storage.is_s3(cfg.output):
+        raise ConfigError(
+            f"output {cfg.output} is a local path but the Ray cluster has {alive_nodes} nodes, each of which "
+            "would write its shards to its own disk; write to a shared store such as s3://bucket/prefix"
+        )
 
 
 def _normal(uri: str) -> str:

@@ -25,7 +25,8 @@ from pipelines import failpoints, storage
 from pipelines.formats import shards
 from pipelines.formats.shards import FAILED_TO_DECODE, FAILED_TO_DOWNLOAD, SHARD_IMAGE_EXTS, STATUSES, SUCCESS
 
-# Shards wait here, images included, between download and the run-wide content dedup.
+# A shard's rows wait here, without their images (those are in its tar already), between download and the
+# run-wide content dedup that commits it.
 STAGING_DIR = "_staging"
 
 # Every tar member gets the same header fields, so the same rows give byte-identical tars whenever and
@@ -218,44 +219,90 @@ def write_shard(
     file is removed first, so a crash while rewriting a committed shard leaves it uncommitted, not stale.
     """
     start_time = time.time()
+    if not isinstance(rows, pa.Table):
+        rows = list(rows)
     storage.delete(shards.stats_uri(output_uri, shard_id), settings=settings)
     failpoints.reach("write.started", shard_id)
+    tar_keys, tar_bytes = write_tar(output_uri, shard_id, rows, settings)
+    return commit_shard(output_uri, shard_id, rows, tar_keys, tar_bytes, start_time, settings)
+
+
+def write_tar(
+    output_uri: str,
+    shard_id: int,
+    rows: pa.Table | Iterable[Mapping[str, Any]],
+    settings: storage.S3Settings | None = None,
+) -> tuple[list[str], int]:
+    """Write the shard's tar: the image, caption and metadata of every success row, in key order. Returns the
+    keys it holds and its size. The shard is not committed: commit_shard does that."""
     column_names, ordered = _rows_in_key_order(rows)
     carried = carried_names(column_names)
-
-    parquet_rows: list[dict[str, Any]] = []
-    counts = Counter({status: 0 for status in STATUSES})
-    reasons: Counter[str] = Counter()
+    keys: list[str] = []
     seen_keys: set[str] = set()
     with storage.open_write(shards.tar_uri(output_uri, shard_id), settings=settings) as tar_stream:
         # The tar streams member by member into the atomic writer: memory holds one image and the buffers.
         with tarfile.open(fileobj=tar_stream, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for row in ordered:
                 _check_row(row, shard_id, seen_keys)
-                status, key = row["status"], row["key"]
-                counts[status] += 1
-                if status != SUCCESS:
-                    reasons[coarse_reason(status, row.get("error_message"))] += 1
-                else:
-                    image, ext = row.get("image"), row.get("image_ext") or "jpg"
-                    if not isinstance(image, (bytes, bytearray, memoryview)):
-                        raise TypeError(
-                            f"shard {shard_id}: success row {key} has no image bytes (got {type(image)})"
-                        )
-                    if ext not in SHARD_IMAGE_EXTS:
-                        raise ValueError(
-                            f"shard {shard_id}: row {key} has image_ext {ext!r}, not one of {SHARD_IMAGE_EXTS}"
-                        )
-                    caption = row.get("caption")
-                    meta = sample_metadata(row, carried)
-                    _add_member(tar, f"{key}.{ext}", bytes(image))
-                    _add_member(tar, f"{key}.txt", ("" if caption is None else str(caption)).encode("utf-8"))
-                    meta_json = json.dumps(meta, indent=4, ensure_ascii=False, default=_json_default)
-                    _add_member(tar, f"{key}.json", meta_json.encode("utf-8"))
-                    failpoints.reach("write.tar_streaming", shard_id)
-                parquet_rows.append(_parquet_row(row, carried))
+                if row["status"] != SUCCESS:
+                    continue
+                key = row["key"]
+                image, ext = row.get("image"), row.get("image_ext") or "jpg"
+                if not isinstance(image, (bytes, bytearray, memoryview)):
+                    raise TypeError(
+                        f"shard {shard_id}: success row {key} has no image bytes (got {type(image)})"
+                    )
+                if ext not in SHARD_IMAGE_EXTS:
+                    raise ValueError(
+                        f"shard {shard_id}: row {key} has image_ext {ext!r}, not one of {SHARD_IMAGE_EXTS}"
+                    )
+                caption = row.get("caption")
+                meta = sample_metadata(row, carried)
+                _add_member(tar, f"{key}.{ext}", bytes(image))
+                _add_member(tar, f"{key}.txt", ("" if caption is None else str(caption)).encode("utf-8"))
+                meta_json = json.dumps(meta, indent=4, ensure_ascii=False, default=_json_default)
+                _add_member(tar, f"{key}.json", meta_json.encode("utf-8"))
+                keys.append(key)
+                failpoints.reach("write.tar_streaming", shard_id)
         tar_bytes = tar_stream.tell()
     failpoints.reach("write.tar_done", shard_id)
+    return keys, tar_bytes
+
+
+def commit_shard(
+    output_uri: str,
+    shard_id: int,
+    rows: pa.Table | Iterable[Mapping[str, Any]],
+    tar_keys: Iterable[str],
+    tar_bytes: int,
+    start_time: float | None = None,
+    settings: storage.S3Settings | None = None,
+) -> dict[str, Any]:
+    """Write the shard's Parquet file and then its stats file, which commits it. `tar_keys` are the samples
+    its tar holds (write_tar's): those whose final status is not success (a content duplicate found after the
+    tar was written, a CLIP score below threshold) are listed in the stats as `excluded_keys`, and readers skip
+    them. The image column, if any, is not stored."""
+    start_time = time.time() if start_time is None else start_time
+    column_names, ordered = _rows_in_key_order(rows)
+    carried = carried_names(column_names)
+    parquet_rows: list[dict[str, Any]] = []
+    counts = Counter({status: 0 for status in STATUSES})
+    reasons: Counter[str] = Counter()
+    seen_keys: set[str] = set()
+    for row in ordered:
+        _check_row(row, shard_id, seen_keys)
+        status = row["status"]
+        counts[status] += 1
+        if status != SUCCESS:
+            reasons[coarse_reason(status, row.get("error_message"))] += 1
+        parquet_rows.append(_parquet_row(row, carried))
+    successes = {r["key"] for r in parquet_rows if r["status"] == SUCCESS}
+    in_tar = set(tar_keys)
+    if successes - in_tar:
+        raise ValueError(
+            f"shard {shard_id}: success rows {sorted(successes - in_tar)[:3]} are not in the tar"
+        )
+    excluded = sorted(in_tar - successes)
 
     schema = parquet_schema(_carried_fields(rows, carried, parquet_rows))
     table = pa.Table.from_pylist(parquet_rows, schema=schema)
@@ -282,6 +329,7 @@ def write_shard(
         "row_range": [min(row_indices), max(row_indices) + 1] if row_indices else None,
         "files": {"tar": shards.tar_name(shard_id), "parquet": shards.parquet_name(shard_id)},
         "bytes_written": {"tar": tar_bytes, "parquet": buffer.tell()},
+        shards.EXCLUDED_KEYS: excluded,
     }
     # Written last: its presence is what makes the shard committed.
     storage.write_bytes(

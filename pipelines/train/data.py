@@ -22,6 +22,7 @@ Why it is built this way
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -49,6 +50,7 @@ from pipelines.formats.shards import (
     SUCCESS,
     TAR_EXT,
     committed_tars,
+    excluded_keys_of_tar,
     manifest_uri,
     sample_image,
     stats_uri_of_tar,
@@ -209,12 +211,13 @@ def read_shard_part(
     yielded = 0
     for attempt in range(1, READ_ATTEMPTS + 1):
         try:
+            excluded = _excluded_keys(part.shard.uri, settings)
             # "r|": a forward-only stream, so S3 bodies are read as they arrive and never land on disk.
             with (
                 storage.open_read(part.shard.uri, settings=settings) as stream,
                 tarfile.open(fileobj=stream, mode="r|") as tar,
             ):
-                for index, sample in enumerate(_samples_in_tar(tar, epoch)):
+                for index, sample in enumerate(_samples_in_tar(tar, epoch, excluded)):
                     # index // parts: the sample's place in this part; those before `yielded` went out already.
                     if index % part.parts == part.part and index // part.parts >= yielded:
                         yielded += 1
@@ -233,9 +236,18 @@ def read_shard_part(
         counters.failed(lost)
 
 
-def _samples_in_tar(tar: tarfile.TarFile, epoch: int) -> Iterator[RawSample]:
+@functools.lru_cache(maxsize=4096)
+def _excluded_keys(tar: str, settings: storage.S3Settings | None) -> frozenset[str]:
+    # Read once per shard per process: a stream meets each shard once per epoch.
+    return excluded_keys_of_tar(tar, settings)
+
+
+def _samples_in_tar(tar: tarfile.TarFile, epoch: int, excluded: frozenset[str]) -> Iterator[RawSample]:
+    """The tar's samples but those its stats exclude (content duplicates, CLIP-score rejects found after the
+    tar was written): they are not part of the dataset, and the stats' success count leaves them out."""
     for key, members in tar_samples(tar, keep=(*IMAGE_EXTS, CAPTION_EXT)):
-        yield RawSample(key, epoch, sample_image(members), members.get(CAPTION_EXT))
+        if key not in excluded:
+            yield RawSample(key, epoch, sample_image(members), members.get(CAPTION_EXT))
 
 
 def stream_raw_samples(

@@ -4,6 +4,7 @@ missing or mismatched checkpoints, empty datasets and class names that do not ma
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from pipelines.config import ConfigError
 from pipelines.demo import scenes
 from pipelines.demo.data import write_classification_folder, write_retrieval_shards
 from pipelines.evaluate import config, datasets, job
-from pipelines.evaluate.features import extract_features_locally
+from pipelines.evaluate.features import _work_item_samples, extract_features_locally, work_items
 from tests.paths import CONFIGS
 
 
@@ -129,6 +130,23 @@ def test_wds_layout_is_read_as_clip_benchmark_writes_it(tmp_path, color_folder):
     assert [s["label"] for s in samples] == [2, 0, 1] and all(s["image"] == jpeg for s in samples)
     with pytest.raises(datasets.DatasetError, match="has no split 'train'"):
         datasets.open_dataset(config.DatasetConfig(name="w", uri=str(tmp_path)), train=True)
+
+
+def test_samples_an_ingest_shards_stats_exclude_are_not_evaluated(tmp_path):
+    """A content duplicate found after its tar was written stays in the tar, listed as excluded in the stats;
+    evaluation, like training, leaves it out (and any path through the Ray work items keeps the list)."""
+    write_retrieval_shards(str(tmp_path), 6, seed=4, captions_per_image=1, per_shard=6)
+    stats_path = tmp_path / "00000_stats.json"
+    stats = json.loads(stats_path.read_text())
+    opened = datasets.open_dataset(config.DatasetConfig(name="r", uri=str(tmp_path)))
+    keys = [s["key"].rsplit("#", 1)[1] for s in datasets.read_item(opened.items[0])]
+    stats["excluded_keys"] = keys[1:3]
+    stats_path.write_text(json.dumps(stats))
+    opened = datasets.open_dataset(config.DatasetConfig(name="r", uri=str(tmp_path)))
+    kept = [s["key"].rsplit("#", 1)[1] for s in datasets.read_item(opened.items[0])]
+    assert kept == [keys[0], *keys[3:]]
+    (item,) = work_items([opened])
+    assert len(list(_work_item_samples(item))) == 4
 
 
 def test_ingest_shards_carry_several_captions_per_image(tmp_path):

@@ -40,16 +40,16 @@ KILL_CHAIN = (
     "plan.done",
     "url_dedup.done",
     "stage.shard_done",
+    "write.tar_streaming",  # inside a shard's tar, after its first sample: tars are written while staging
+    "write.tar_done",
+    "stage.tar_written",
     "stage.shard_writing",  # the staged Parquet is written but not yet published: a .partial is left
     "stage.shard_written",
     "score.shard_written",
     "content_dedup.done",
-    "write.started",
-    "write.tar_streaming",  # inside a shard's tar, after its first sample
-    "write.tar_done",
     "write.parquet_done",
     "write.committed",  # the shard is committed, its staged file not yet removed
-    "write.tar_streaming",  # again, now that content dedup sees committed and staged shards together
+    "write.parquet_done",  # again, now that content dedup sees committed and staged shards together
     "manifest.started",
     "manifest.written",
 )

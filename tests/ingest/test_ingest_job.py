@@ -22,41 +22,11 @@ from PIL import Image
 
 import clip_core
 from pipelines import storage
-from pipelines.demo import scenes
 from pipelines.formats import shards
 from pipelines.ingest import job, writer
-from tests.http_fixtures import HttpTestServer, serve_directory
+from tests.ingest.conftest import NUM_SCENES
 
 pytestmark = pytest.mark.cluster
-
-NUM_SCENES = 40
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    """A static site of scene JPEGs and hostile files, and an aiohttp server of hostile endpoints."""
-    root = tmp_path_factory.mktemp("site")
-    captions = {}
-    for i in range(NUM_SCENES):
-        scene = scenes.make_scene(i, seed=5, size=(64 + 9 * i, 48 + 5 * i))
-        scene.image.save(root / f"scene{i}.jpg", quality=90)
-        captions[f"scene{i}.jpg"] = scene.caption
-    for i in (100, 101, 102):
-        scenes.make_scene(i, seed=5, size=(80, 80)).image.save(root / f"scene{i}.jpg", quality=90)
-    (root / "copy_of_scene3.jpg").write_bytes((root / "scene3.jpg").read_bytes())
-    (root / "page.jpg").write_bytes(b"<!doctype html><html><body>not an image</body></html>")
-    (root / "truncated.jpg").write_bytes((root / "scene7.jpg").read_bytes()[:300])
-    (root / "garbage.jpg").write_bytes(os.urandom(2000))
-    Image.new("RGB", (10, 10), (9, 9, 9)).save(root / "tiny.jpg")
-    Image.new("RGB", (400, 40), (90, 9, 9)).save(root / "wide.jpg")
-    # A PNG header claiming 100k x 100k pixels: refused from the header, never decoded.
-    (root / "bomb.png").write_bytes(
-        b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x01\x86\xa0\x00\x01\x86\xa0\x08\x02\x00\x00\x00\x00\x00\x00\x00"
-    )
-    hostile = HttpTestServer().start()
-    with serve_directory(root) as base:
-        yield {"base": base, "hostile": hostile, "captions": captions}
-    hostile.stop()
 
 
 def input_rows(site) -> list[dict]:
@@ -179,11 +149,25 @@ def test_duplicates_name_the_first_occurrence_which_is_kept(uninterrupted):
     assert content_dup["sha256"] == out["uid-003"]["sha256"]
 
 
-def test_tars_hold_exactly_the_success_rows_resized(uninterrupted):
+def excluded_keys(output_uri: str) -> set[str]:
+    manifest = shards.read_manifest(output_uri)
+    return set().union(
+        *(shards.excluded_keys(shards.read_stats(output_uri, s["shard_id"])) for s in manifest["shards"])
+    )
+
+
+def test_tars_hold_exactly_the_success_rows_resized_and_the_stats_exclude_the_content_duplicates(
+    uninterrupted,
+):
     _, output, _ = uninterrupted
     out = output_rows(output)
     samples = tar_samples(output)
-    assert sorted(samples) == sorted(r["key"] for r in out if r["status"] == "success")
+    excluded = excluded_keys(output)
+    # The tars are written before content dedup: its duplicates are in them, and listed as excluded.
+    content_duplicates = {r["key"] for r in out if r["status"] == "duplicate" and r["sha256"] is not None}
+    assert content_duplicates and excluded == content_duplicates
+    assert sorted(set(samples) - excluded) == sorted(r["key"] for r in out if r["status"] == "success")
+    assert excluded <= set(samples)
     for row in out:
         if row["status"] != "success":
             continue
@@ -216,7 +200,8 @@ def test_ingest_through_ray_job_submit_reads_and_writes_the_s3_store(
     out = output_rows(output)
     assert [r["status"] for r in out] == [r["expect"] for r in rows]
     assert storage.exists(storage.join(output, "config.yaml"))
-    assert sorted(tar_samples(output)) == sorted(r["key"] for r in out if r["status"] == "success")
+    in_dataset = set(tar_samples(output)) - excluded_keys(output)
+    assert sorted(in_dataset) == sorted(r["key"] for r in out if r["status"] == "success")
 
     runs = mlflow.search_runs(experiment_names=["tests-ingest"], filter_string=f"params.output = '{output}'")
     assert len(runs) == 1

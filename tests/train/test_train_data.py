@@ -168,6 +168,28 @@ def test_every_sample_of_an_epoch_is_seen_once_across_2_ranks_x_2_workers(shards
     assert max(n for (epoch, _), n in seen.items() if epoch == 1) == 1
 
 
+def test_samples_a_shards_stats_exclude_are_never_served(tmp_path):
+    """Ingest writes a tar before content dedup: the duplicates it then finds stay in the tar, listed in the
+    stats as excluded_keys, and the loader leaves them out (the stats' success count already does)."""
+    root = str(tmp_path)
+    rows = shard_rows(0)
+    tar_keys, tar_bytes = writer.write_tar(root, 0, rows)
+    duplicates = {key_of(0, 2), key_of(0, 7)}
+    for row in rows:
+        if row["key"] in duplicates:
+            row.update(status="duplicate", error_message="same image bytes as row_index 1")
+    stats = writer.commit_shard(root, 0, rows, tar_keys, tar_bytes)
+    assert stats["successes"] == SAMPLES_PER_SHARD - 2 and sorted(stats["excluded_keys"]) == sorted(duplicates)
+    shards = data.resolve_shards([root])
+    assert shards == [data.Shard(tar_uri(root, 0), SAMPLES_PER_SHARD - 2)]
+    seen: Counter = Counter()
+    with loader(shards, local_batch_size=2) as one:
+        for _ in range(8):  # two epochs of 8 samples
+            seen.update(key for _, key in next(one)[2])
+    served = {key_of(0, i) for i in range(SAMPLES_PER_SHARD)} - duplicates - {key_of(*BAD_JPEG)}
+    assert set(seen) == served and set(seen.values()) == {2}
+
+
 def test_corrupt_samples_are_skipped_and_counted(shards_dir):
     # One stream without shuffling, one sample per batch: when epoch 1 starts, epoch 0 is fully counted.
     shards = data.resolve_shards([shards_dir])

@@ -78,9 +78,15 @@ def s3_prefix(local_stack: LocalStack) -> Iterator[str]:
 
 
 @pytest.fixture
-def multinode_ray(local_stack: LocalStack) -> Iterator[MultiNodeCluster]:
+def multinode_ray(
+    local_stack: LocalStack, local_stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[MultiNodeCluster]:
     """A Ray cluster of its own with a 0-CPU head on 127.0.0.11 (the shipped cluster's shape); the test adds
-    worker nodes (127.0.0.12, ...) and kills them. Every node has the stack's S3 settings, the shared store."""
+    worker nodes (127.0.0.12, ...) and kills them. Every node, and the test, has the stack's S3 settings (the
+    shared store), but not its Ray address: Ray's job and state clients prefer RAY_ADDRESS and
+    RAY_API_SERVER_ADDRESS to the address they are given."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     s3 = {k: v for k, v in local_stack.env.items() if k.startswith(("AWS_", "MLFLOW_"))}
     with MultiNodeCluster(env=s3) as cluster:
         yield cluster

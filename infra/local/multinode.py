@@ -12,6 +12,7 @@ worker nodes only.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -19,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,9 +89,10 @@ class MultiNodeCluster:
             # Ray reads this as "multi-node clusters allowed" (the local stack sets it to 0: one node only).
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
             "RAY_USAGE_STATS_ENABLED": "0",
-            # A lost node is declared dead after a few seconds rather than the default ~30 s.
-            "RAY_health_check_period_ms": "1000",
-            "RAY_health_check_failure_threshold": "3",
+            # A lost node is declared dead after about 10 s rather than the default ~30 s; not sooner, as a
+            # loaded 2-core machine can miss a few checks of a live node.
+            "RAY_health_check_period_ms": "2000",
+            "RAY_health_check_failure_threshold": "5",
         }
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         return env
@@ -161,13 +165,20 @@ class MultiNodeCluster:
     def alive_nodes(self) -> list[Node]:
         return [n for n in self.nodes if n.alive]
 
-    def ray_nodes(self) -> list[dict]:
-        """The cluster's own view: every node the GCS knows, alive or dead (Ray's state API)."""
-        from ray.util.state import list_nodes
+    def state(self, resource: str, **filters: str) -> list[dict]:
+        """Ray's state API of this cluster's dashboard (`nodes`, `tasks`, `actors`...), filtered by equality.
+        Asked over HTTP, because ray.util.state prefers RAY_API_SERVER_ADDRESS (another cluster's, say) to
+        the address it is given."""
+        query = [("limit", "10000"), ("detail", "1")]
+        for key, value in filters.items():
+            query += [("filter_keys", key), ("filter_predicates", "="), ("filter_values", value)]
+        url = f"{self.dashboard_url}/api/v0/{resource}?{urllib.parse.urlencode(query)}"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return json.loads(response.read())["data"]["result"]["result"]
 
-        return [
-            n.__dict__ if hasattr(n, "__dict__") else dict(n) for n in list_nodes(address=self.dashboard_url)
-        ]
+    def ray_nodes(self) -> list[dict]:
+        """Every node the GCS knows, alive or dead."""
+        return self.state("nodes")
 
     def wait_for_nodes(self, count: int, timeout_s: float = START_TIMEOUT_S) -> None:
         """Until `count` nodes are alive in the GCS's view (and record each node's id by its address)."""
@@ -180,7 +191,9 @@ class MultiNodeCluster:
                         f"the Ray node on {node.address} exited:\n{node.log.read_text()[-3000:]}"
                     )
             try:
-                alive = [n for n in self.ray_nodes() if n["state"] == "ALIVE"]
+                listed_nodes = self.ray_nodes()
+                last_error = ", ".join(f"{n['node_ip']} {n['state']}" for n in listed_nodes)
+                alive = [n for n in listed_nodes if n["state"] == "ALIVE"]
             except Exception as error:  # the dashboard is not up yet
                 last_error = str(error)
                 time.sleep(1.0)
@@ -192,7 +205,10 @@ class MultiNodeCluster:
             if len(alive) >= count:
                 return
             time.sleep(0.5)
-        raise TimeoutError(f"{count} Ray nodes were not up within {timeout_s:.0f} s ({last_error})")
+        logs = "\n".join(
+            f"--- {n.address}:\n{n.log.read_text()[-1500:]}" for n in self.nodes if n.log.exists()
+        )
+        raise TimeoutError(f"{count} Ray nodes were not up within {timeout_s:.0f} s ({last_error})\n{logs}")
 
     def kill_node(self, node: Node) -> None:
         """SIGKILL every process of the node (raylet, object store, workers): a lost machine, nothing cleaned."""

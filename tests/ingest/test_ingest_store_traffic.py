@@ -25,6 +25,7 @@ def test_an_ingest_run_writes_each_image_to_the_store_once(
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
         run_ingest_job(args)
         traffic = proxy.reset()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", local_stack.config.s3_endpoint)
     output = storage.join(s3_prefix, "out")
     manifest = shards.read_manifest(output)
     assert manifest["complete"] and manifest["totals"]["duplicate"] == 2

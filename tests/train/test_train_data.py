@@ -179,7 +179,9 @@ def test_samples_a_shards_stats_exclude_are_never_served(tmp_path):
         if row["key"] in duplicates:
             row.update(status="duplicate", error_message="same image bytes as row_index 1")
     stats = writer.commit_shard(root, 0, rows, tar_keys, tar_bytes)
-    assert stats["successes"] == SAMPLES_PER_SHARD - 2 and sorted(stats["excluded_keys"]) == sorted(duplicates)
+    assert stats["successes"] == SAMPLES_PER_SHARD - 2 and sorted(stats["excluded_keys"]) == sorted(
+        duplicates
+    )
     shards = data.resolve_shards([root])
     assert shards == [data.Shard(tar_uri(root, 0), SAMPLES_PER_SHARD - 2)]
     seen: Counter = Counter()

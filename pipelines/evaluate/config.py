@@ -92,7 +92,9 @@ class SuiteConfig(Section):
     datasets: list[DatasetConfig]
     experiment: str = "clip-ray-eval"  # MLflow experiment when the checkpoint has no training run
     batch_size: int = Field(256, gt=0)  # images per forward pass
-    workers: int | None = Field(None, gt=0)  # feature-extraction actors; None: one per GPU, else 1
+    workers: int | None = Field(
+        None, gt=0
+    )  # most feature-extraction actors; None: as many as the cluster fits
     use_gpu: bool | Literal["auto"] = "auto"  # auto: when the cluster has GPUs
     # Decode JPEGs at a reduced scale (PIL draft) when they are at least twice the model's input size: much
     # faster for small models on large images, but the pixels then differ slightly from a full decode, so

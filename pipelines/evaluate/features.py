@@ -17,6 +17,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 import clip_core
+from pipelines import failpoints
 from pipelines.evaluate.datasets import EvalSet, read_item
 from pipelines.formats.shards import TAR_EXT
 
@@ -128,6 +129,7 @@ class ImageEncoder:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        failpoints.reach("evaluate.batch_encoding")
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
         embeddings = self.model.encode_image(normalize_pixels(pixels), normalize=True).float().cpu().numpy()
         return {**{k: v for k, v in batch.items() if k != "pixels"}, "embedding": embeddings}
@@ -168,9 +170,12 @@ def extract_features(
     on_gpu = gpus > 0 if use_gpu == "auto" else bool(use_gpu)
     if on_gpu and gpus == 0:
         raise ValueError("use_gpu is set but the Ray cluster has no GPU; set use_gpu to auto or false.")
-    pool = workers or (gpus if on_gpu else 1)
-
     items = work_items(eval_sets)
+    # The encoder pool grows while there is work and room: up to `workers`, else up to one encoder per work
+    # item, each taking a GPU (or a CPU) that the cluster has or gains mid-run (the autoscaler adds nodes for
+    # pending encoders); it starts with one, so a pass begins as soon as one device is free.
+    encoders = ray.data.ActorPoolStrategy(min_size=1, max_size=workers or max(1, len(items)))
+
     state_ref = ray.put(state_dict)
     # Ray Data packs a task's output into blocks of up to target_max_block_size (128 MiB) before passing
     # them on; a shard's decoded pixels would then reach the encoders only when the whole shard is done.
@@ -204,7 +209,7 @@ def extract_features(
         },
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=pool),
+        compute=encoders,
         num_cpus=encoder_cpus,
         num_gpus=1 if on_gpu else 0,
     )

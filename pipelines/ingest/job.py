@@ -393,12 +393,13 @@ def run(cfg: IngestConfig) -> IngestSummary:
     """Run the whole ingest job and log it to MLflow when cfg.mlflow_experiment is set. Needs a Ray cluster
     (ray.init() is called if none)."""
     started = time.time()
+    # Before anything is written: a safe location, the same run's output (or a fresh one), a store every node
+    # shares; then no leftovers.
+    checked = output.check(cfg)
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
-    # Before anything is written: a store every node shares, a safe location, the same run's output (or a
-    # fresh one), no leftovers.
     output.check_shared(cfg, len([n for n in ray.nodes() if n["Alive"]]))
-    output.prepare(cfg)
+    output.prepare(cfg, checked)
     storage.write_bytes(storage.join(cfg.output, "config.yaml"), cfg.to_yaml().encode())
     # None: as many shard tasks at once as the cluster has CPUs at each moment, nodes joining included.
     workers = cfg.concurrency.download_workers

@@ -45,30 +45,42 @@ _SAMPLE_SHARD = shards.parquet_name(0)
 VERSION_THREADS = 16
 
 
-def prepare(cfg: IngestConfig) -> None:
-    """Make cfg.output ready for this run, or refuse with one sentence (a ConfigError)."""
+def check(cfg: IngestConfig) -> dict[str, Any]:
+    """Refuse, with one sentence (a ConfigError), an output this run may not use; reads, never writes.
+    Returns this run's fingerprint."""
     check_location(cfg)
     current = fingerprint(cfg)
-    fingerprint_uri = storage.join(cfg.output, FINGERPRINT_NAME)
     if cfg.incremental_mode == "overwrite":
         _check_replaceable(cfg.output)
+        return current
+    fingerprint_uri = storage.join(cfg.output, FINGERPRINT_NAME)
+    if storage.exists(fingerprint_uri):
+        recorded = json.loads(storage.read_bytes(fingerprint_uri))
+        changes = differences(recorded, current)
+        if changes:
+            raise ConfigError(
+                f"output {cfg.output} holds another run's shards ({'; '.join(changes)}): write to a new "
+                "output, or pass --incremental-mode overwrite to replace it"
+            )
+    elif _holds_shards(cfg.output):
+        raise ConfigError(
+            f"output {cfg.output} holds shards but no {FINGERPRINT_NAME}, so what made them is unknown: "
+            "write to a new output, or pass --incremental-mode overwrite to replace it"
+        )
+    return current
+
+
+def prepare(cfg: IngestConfig, checked: dict[str, Any] | None = None) -> None:
+    """Make cfg.output ready for this run: a fresh output for overwrite, else the leftovers of killed writes
+    removed; the fingerprint written if there is none. `checked`: what check() returned, if it ran already."""
+    current = checked if checked is not None else check(cfg)
+    fingerprint_uri = storage.join(cfg.output, FINGERPRINT_NAME)
+    if cfg.incremental_mode == "overwrite":
         storage.delete(cfg.output, recursive=True)
     else:
         storage.remove_unfinished_writes(cfg.output)
         if storage.exists(fingerprint_uri):
-            recorded = json.loads(storage.read_bytes(fingerprint_uri))
-            changes = differences(recorded, current)
-            if changes:
-                raise ConfigError(
-                    f"output {cfg.output} holds another run's shards ({'; '.join(changes)}): write to a new "
-                    "output, or pass --incremental-mode overwrite to replace it"
-                )
             return
-        if _holds_shards(cfg.output):
-            raise ConfigError(
-                f"output {cfg.output} holds shards but no {FINGERPRINT_NAME}, so what made them is unknown: "
-                "write to a new output, or pass --incremental-mode overwrite to replace it"
-            )
     storage.write_bytes(fingerprint_uri, json.dumps(current, indent=1, sort_keys=True).encode())
 
 

@@ -97,6 +97,15 @@ def test_an_output_beside_the_input_files_that_the_glob_cannot_match_is_accepted
     assert (data / "shards" / output.FINGERPRINT_NAME).exists()
 
 
+def test_a_local_output_on_a_cluster_of_several_nodes_is_refused_and_s3_is_not(tmp_path):
+    local_cfg = config(write_urls(tmp_path / "urls.parquet"), str(tmp_path / "out"))
+    output.check_shared(local_cfg, alive_nodes=1)
+    with pytest.raises(ConfigError, match=r"local path but the Ray cluster has 3 nodes.*s3://"):
+        output.check_shared(local_cfg, alive_nodes=3)
+    output.check_shared(config(str(tmp_path / "urls.parquet"), "s3://bucket/out"), alive_nodes=3)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("out", ["/", "s3://bucket", "s3://bucket/", "s3://bucket//"])
 def test_the_filesystem_root_and_bucket_roots_are_refused(tmp_path, out):
     cfg = config(write_urls(tmp_path / "urls.parquet"), out, "--incremental-mode", "overwrite")

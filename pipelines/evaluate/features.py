@@ -17,7 +17,6 @@ from PIL import Image
 from torchvision import transforms as T
 
 import clip_core
-from pipelines import failpoints
 from pipelines.evaluate.datasets import EvalSet, read_item
 from pipelines.formats.shards import TAR_EXT
 
@@ -129,7 +128,6 @@ class ImageEncoder:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        failpoints.reach("evaluate.batch_encoding")
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
         embeddings = self.model.encode_image(normalize_pixels(pixels), normalize=True).float().cpu().numpy()
         return {**{k: v for k, v in batch.items() if k != "pixels"}, "embedding": embeddings}

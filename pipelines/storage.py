@@ -303,16 +303,25 @@ def publish_file(local_path: str | os.PathLike, uri: str | os.PathLike, settings
     boto3_client(settings).upload_file(str(local_path), bucket, key)
 
 
-def list_files(uri: str | os.PathLike, settings: S3Settings | None = None) -> list[FileEntry]:
+def list_files(
+    uri: str | os.PathLike, settings: S3Settings | None = None, recursive: bool = True
+) -> list[FileEntry]:
     """Every file under a directory or key prefix, recursively, with sizes, sorted by URI.
 
     The URI names a directory: 's3://b/shards' lists 's3://b/shards/...' but not 's3://b/shards-old/...'.
-    A missing directory lists as empty.
+    A missing directory lists as empty. recursive=False lists only the files directly in it: on S3 a
+    delimited listing, which does not page through the objects of its subfolders.
     """
     if not is_s3(uri):
         root = _local(uri)
         if not root.is_dir():
             return []
+        if not recursive:
+            with os.scandir(root) as found:
+                files = [entry for entry in found if entry.is_file()]
+            return sorted(
+                (FileEntry(str(root / e.name), e.stat().st_size) for e in files), key=lambda e: e.uri
+            )
         entries = [
             FileEntry(str(Path(dirpath, name)), os.path.getsize(os.path.join(dirpath, name)))
             for dirpath, _, names in os.walk(root)
@@ -322,15 +331,16 @@ def list_files(uri: str | os.PathLike, settings: S3Settings | None = None) -> li
     bucket, key = split_s3(str(uri))
     entries = [
         FileEntry(f"{S3_SCHEME}{bucket}/{obj['Key']}", obj["Size"])
-        for obj in _s3_objects_under(boto3_client(settings), bucket, key)
+        for obj in _s3_objects_under(boto3_client(settings), bucket, key, recursive)
         if not obj["Key"].endswith("/")  # zero-byte "folder" markers that some tools (pyarrow) create
     ]
     return sorted(entries, key=lambda e: e.uri)
 
 
-def _s3_objects_under(client, bucket: str, key: str) -> Iterator[dict[str, Any]]:
+def _s3_objects_under(client, bucket: str, key: str, recursive: bool = True) -> Iterator[dict[str, Any]]:
     prefix = key.rstrip("/") + "/" if key.strip("/") else ""
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+    options = {} if recursive else {"Delimiter": "/"}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, **options):
         yield from page.get("Contents", [])
 
 

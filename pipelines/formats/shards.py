@@ -86,11 +86,12 @@ def stats_shard_id(name: str) -> int | None:
 
 
 def committed_shards(output_uri: str, settings: storage.S3Settings | None = None) -> set[int]:
-    """Shards whose stats file exists directly in the output folder."""
-    # list_files gives local entries as absolute paths, and lists subfolders too: only direct children count.
+    """Shards whose stats file exists directly in the output folder: one listing of that folder alone (one
+    request per 1,000 of its files on S3, its subfolders such as staging left out), whatever the shard count."""
+    # list_files gives local entries as absolute paths.
     root = storage.listing_root(output_uri)
     found = set()
-    for entry in storage.list_files(output_uri, settings=settings):
+    for entry in storage.list_files(output_uri, settings=settings, recursive=False):
         shard_id = stats_shard_id(entry.uri[len(root) :].lstrip("/"))
         if shard_id is not None:
             found.add(shard_id)

@@ -41,26 +41,44 @@ def _object_array(values: Any) -> np.ndarray:
     return array
 
 
+def _arrow_strings(keys: Any) -> pa.Array | pa.ChunkedArray | None:
+    """Keys held as an Arrow string column, as they are (chunks are not joined: that would copy them); None
+    for keys of any other kind, which take the Python-object path."""
+    if not isinstance(keys, (pa.Array, pa.ChunkedArray)) or not (
+        pa.types.is_string(keys.type) or pa.types.is_large_string(keys.type)
+    ):
+        return None
+    return keys
+
+
 def present_keys(keys: Any) -> np.ndarray:
     """Mask of keys that identify something. Null and empty keys never make two rows duplicates."""
+    strings = _arrow_strings(keys)
+    if strings is not None:
+        present = pc.and_kleene(pc.is_valid(strings), pc.not_equal(strings, ""))
+        return present.fill_null(False).to_numpy(zero_copy_only=False)
     keys = _object_array(keys)
     return ~pd.isna(keys) & (keys != "")
 
 
 def first_occurrence(
-    keys: Sequence | np.ndarray | pa.Array, row_indices: Sequence[int] | np.ndarray
+    keys: Sequence | np.ndarray | pa.Array | pa.ChunkedArray, row_indices: Sequence[int] | np.ndarray
 ) -> np.ndarray:
     """For each row, the row_index of the first row (smallest row_index) with the same key.
 
     A row is a duplicate exactly when the result differs from its own row_index. Rows with a null or empty
     key are their own first occurrence. The result does not depend on the order the rows come in.
     """
-    keys = _object_array(keys)
+    if _arrow_strings(keys) is None:
+        keys = _object_array(keys)
     row_indices = np.asarray(row_indices, dtype=np.int64)
     if len(keys) != len(row_indices):
         raise ValueError(f"{len(keys)} keys but {len(row_indices)} row indices")
     if len(np.unique(row_indices)) != len(row_indices):
         raise ValueError("row_index values must be unique: they are the rows' positions in the input")
+    strings = _arrow_strings(keys)
+    if strings is not None:
+        return _first_occurrence_of_strings(strings, row_indices)
     kept = row_indices.copy()
     present = present_keys(keys)
     if present.any():
@@ -69,12 +87,30 @@ def first_occurrence(
     return kept
 
 
+def _first_occurrence_of_strings(keys: pa.Array | pa.ChunkedArray, row_indices: np.ndarray) -> np.ndarray:
+    """first_occurrence for an Arrow string column: Arrow's hash table numbers the distinct keys and numpy
+    takes each number's smallest row_index, so no key becomes a Python object (20M URLs would cost ~2 GB)."""
+    # The chunks of an encoded ChunkedArray share one dictionary (the last chunk's is the whole of it).
+    encoded = pc.dictionary_encode(keys)
+    chunks = encoded.chunks if isinstance(encoded, pa.ChunkedArray) else [encoded]
+    codes = [chunk.indices.fill_null(-1).to_numpy(zero_copy_only=False) for chunk in chunks]
+    codes = np.concatenate(codes).astype(np.int64) if codes else np.empty(0, np.int64)
+    present = present_keys(keys)
+    codes = codes[present]
+    first = np.full(len(chunks[-1].dictionary) if chunks else 0, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, codes, row_indices[present])
+    kept = row_indices.copy()
+    kept[present] = first[codes]
+    return kept
+
+
 def candidate_mask(table: pa.Table, key_column: str) -> np.ndarray:
     """Rows that take part in deduplication: not failed yet (status null or success) and with a key."""
     mask = present_keys(table[key_column])
     if "status" in table.column_names:
-        status = _object_array(table["status"])
-        mask &= pd.isna(status) | (status == SUCCESS)
+        status = table["status"]
+        candidate = pc.or_kleene(pc.is_null(status), pc.equal(status, SUCCESS)).fill_null(False)
+        mask &= candidate.to_numpy(zero_copy_only=False)
     return mask
 
 
@@ -83,21 +119,23 @@ def find_duplicates(table: pa.Table, key_column: str) -> pa.Table:
 
     Needs columns `row_index` and `key_column`; uses `status` and `key` when present.
     """
-    candidates = table.filter(pa.array(candidate_mask(table, key_column), type=pa.bool_()))
+    mask = candidate_mask(table, key_column)
+    # Usually every row takes part (URL dedup before any download): no copy of the table then.
+    candidates = table if mask.all() else table.filter(pa.array(mask, type=pa.bool_()))
     row_index = candidates["row_index"].to_numpy().astype(np.int64)
     kept = first_occurrence(candidates[key_column], row_index)
     duplicate = kept != row_index
     if "key" in candidates.column_names:
         order = np.argsort(row_index, kind="stable")
-        keys = _object_array(candidates["key"])[order]
-        kept_key = keys[np.searchsorted(row_index[order], kept[duplicate])]
+        kept_key = candidates["key"].take(order[np.searchsorted(row_index[order], kept[duplicate])])
+        kept_key = kept_key.cast(pa.string())
     else:
-        kept_key = [None] * int(duplicate.sum())
+        kept_key = pa.nulls(int(duplicate.sum()), pa.string())
     found = pa.table(
         {
             "row_index": pa.array(row_index[duplicate], pa.int64()),
             "kept_row_index": pa.array(kept[duplicate], pa.int64()),
-            "kept_key": pa.array(list(kept_key), pa.string()),
+            "kept_key": kept_key,
         },
         schema=DUPLICATES_SCHEMA,
     )

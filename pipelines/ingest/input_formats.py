@@ -59,8 +59,12 @@ class InputFile:
     num_rows: int
     columns: tuple[str, ...]  # source column names (for JSONL: every row's keys, in order of appearance)
     column_types: tuple[str, ...] = ()  # their Arrow types as text, "null" where unknown
-    # A Parquet copy of a text file (see cache_text_file); when set, slices are read from it, not from `uri`.
+    # A Parquet copy of a text file, or of a Parquet file with oversized row groups (reader.cache_text_file,
+    # reader.regroup_parquet_file); when set, slices are read from it, not from `uri`.
     cached: str | None = None
+    # Rows in the largest row group of the Parquet file slices are read from (the copy when there is one;
+    # 0 for text read as text).
+    largest_row_group: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -95,8 +99,11 @@ class InputFormat(abc.ABC):
         """Row count and column names of one file."""
 
     @abc.abstractmethod
-    def read_rows(self, f: InputFile, start: int, num_rows: int) -> pa.Table:
-        """Rows [start, start + num_rows) of a file, with the file's own column names."""
+    def read_rows(
+        self, f: InputFile, start: int, num_rows: int, columns: tuple[str, ...] | None = None
+    ) -> pa.Table:
+        """Rows [start, start + num_rows) of a file, with the file's own column names; with `columns`, only
+        those of them that the file has."""
 
     def read_failure(self, uri: str, compression: str | None, error: Exception) -> InputError:
         """A parser's or decompressor's error as one sentence naming the file and the format it was read as."""
@@ -137,10 +144,24 @@ class ParquetFormat(InputFormat):
             schema = metadata.schema.to_arrow_schema()
             _check_unique_columns(uri, tuple(schema.names))
             types = tuple(str(t) for t in schema.types)
-            return InputFile(uri, self.name, compression, metadata.num_rows, tuple(schema.names), types)
+            largest = max((metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)), default=0)
+            return InputFile(
+                uri, self.name, compression, metadata.num_rows, tuple(schema.names), types, None, largest
+            )
 
-    def read_rows(self, f: InputFile, start: int, num_rows: int) -> pa.Table:
-        return _read_parquet_rows(f.uri, start, num_rows)
+    def read_rows(
+        self, f: InputFile, start: int, num_rows: int, columns: tuple[str, ...] | None = None
+    ) -> pa.Table:
+        return _read_parquet_rows(f.cached or f.uri, start, num_rows, _present(f, columns))
+
+    def copy_regrouped(self, uri: str, path: Path, rows_per_group: int) -> int:
+        """Stream a Parquet file into local Parquet at `path` in row groups of rows_per_group rows, its rows,
+        columns and types unchanged; returns the number of rows."""
+        fs, source = storage.pyarrow_filesystem(uri)
+        with fs.open_input_file(source) as handle:
+            parquet = pq.ParquetFile(handle)
+            batches = parquet.iter_batches(batch_size=min(rows_per_group, 65_536))
+            return _write_row_groups(batches, parquet.schema_arrow, path, rows_per_group)
 
 
 @dataclass(frozen=True)
@@ -186,10 +207,12 @@ class DelimitedTextFormat(TextFormat):
         num_rows = sum(batch.num_rows for batch in self._batches(uri, compression, columns))
         return InputFile(uri, self.name, compression, num_rows, columns, ("string",) * len(columns))
 
-    def read_rows(self, f: InputFile, start: int, num_rows: int) -> pa.Table:
+    def read_rows(
+        self, f: InputFile, start: int, num_rows: int, columns: tuple[str, ...] | None = None
+    ) -> pa.Table:
         if f.cached is not None:
             # Already every column as text, in the order of the header.
-            return _read_parquet_rows(f.cached, start, num_rows)
+            return _read_parquet_rows(f.cached, start, num_rows, _present(f, columns))
         end = start + num_rows
         batches, seen = [], 0
         for batch in self._batches(f.uri, f.compression, f.columns):
@@ -200,7 +223,8 @@ class DelimitedTextFormat(TextFormat):
             if seen >= end:
                 break
         schema = pa.schema([(name, pa.string()) for name in f.columns])
-        return pa.Table.from_batches(batches, schema=schema)
+        table = pa.Table.from_batches(batches, schema=schema)
+        return table if columns is None else table.select(list(_present(f, columns)))
 
     def copy_as_parquet(
         self, uri: str, compression: str | None, path: Path, rows_per_group: int
@@ -264,13 +288,17 @@ class JsonlFormat(TextFormat):
         num_rows = sum(len(batch) for batch in _jsonl_line_batches(uri, compression, keys))
         return InputFile(uri, self.name, compression, num_rows, *keys.columns())
 
-    def read_rows(self, f: InputFile, start: int, num_rows: int) -> pa.Table:
+    def read_rows(
+        self, f: InputFile, start: int, num_rows: int, columns: tuple[str, ...] | None = None
+    ) -> pa.Table:
         if f.cached is not None:
             lines = _read_parquet_rows(f.cached, start, num_rows)[JSONL_LINE_COLUMN].to_pylist()
         else:
             lines = itertools.islice(_jsonl_lines(f.uri, f.compression), start, start + num_rows)
         rows = [_parse_json_line(line, f.uri, start + i) for i, line in enumerate(lines)]
-        return _table_from_json_rows(rows, f.columns)
+        table = _table_from_json_rows(rows, f.columns)
+        # Every line is parsed whole (JSON has no columns to skip); only the wanted keys are kept.
+        return table if columns is None else table.select([n for n in table.column_names if n in columns])
 
     def copy_as_parquet(
         self, uri: str, compression: str | None, path: Path, rows_per_group: int
@@ -358,8 +386,16 @@ def _check_unique_columns(uri: str, columns: tuple[str, ...]) -> None:
         raise InputError(f"{uri} has more than one column named {names}; give every column its own name")
 
 
-def _read_parquet_rows(uri: str, start: int, num_rows: int) -> pa.Table:
-    """Rows [start, start + num_rows) of a Parquet file; only the row groups that overlap them are read."""
+def _present(f: InputFile, columns: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """The wanted columns that the file has, in the file's order (None: all of them)."""
+    return None if columns is None else tuple(name for name in f.columns if name in columns)
+
+
+def _read_parquet_rows(
+    uri: str, start: int, num_rows: int, columns: tuple[str, ...] | None = None
+) -> pa.Table:
+    """Rows [start, start + num_rows) of a Parquet file; only the row groups that overlap them are read, and
+    of those only `columns` when given."""
     end = start + num_rows
     fs, path = storage.pyarrow_filesystem(uri)
     with fs.open_input_file(path) as handle:
@@ -371,7 +407,12 @@ def _read_parquet_rows(uri: str, start: int, num_rows: int) -> pa.Table:
                 groups.append(i)
                 first_row = group_start if first_row is None else first_row
             group_start += group_rows
-        table = parquet.read_row_groups(groups) if groups else parquet.schema_arrow.empty_table()
+        wanted = None if columns is None else list(columns)
+        if groups:
+            table = parquet.read_row_groups(groups, columns=wanted)
+        else:
+            empty = parquet.schema_arrow.empty_table()
+            table = empty if wanted is None else empty.select(wanted)
         return table.slice(start - (first_row or 0), num_rows)
 
 

@@ -281,8 +281,9 @@ class ReadUrls:
         self.specs = specs
 
     def __call__(self, batch: dict) -> pa.Table:
-        tables = [reader.read_shard(self.cfg, self.specs[int(s)]) for s in batch["shard_id"]]
-        return pa.concat_tables([t.select(["row_index", "key", "url"]) for t in tables])
+        return pa.concat_tables(
+            [reader.read_shard_urls(self.cfg, self.specs[int(s)]) for s in batch["shard_id"]]
+        )
 
 
 # What content dedup reads from each shard, typed the same whether the shard is staged or committed.
@@ -416,7 +417,7 @@ def run(cfg: IngestConfig) -> IngestSummary:
     specs = {spec.shard_id: spec for spec in reader.plan_shards(cfg)}
     num_rows = sum(spec.num_rows for spec in specs.values())
     committed = shards.committed_shards(cfg.output) & set(specs)
-    staged = {s for s in specs if s not in committed and storage.exists(writer.staged_uri(cfg.output, s))}
+    staged = (writer.staged_shards(cfg.output) & set(specs)) - committed
     to_stage = sorted(set(specs) - committed - staged)
     phase(
         "plan",

@@ -1,8 +1,9 @@
 """Ingest step 1, plan: read URL+caption lists (Parquet, CSV, TSV, JSONL; plain or gzip) from a file, folder or
 glob, local or S3, and split them into deterministic shards: shard N holds the input rows whose row_index lies in
 [N * samples_per_shard, (N + 1) * samples_per_shard), counting files in sorted path order and rows in file order.
-Text files are copied once into Parquet under the output (_input_cache/), so a shard reads only its row groups
-when step 3 reads it back (read_shard).
+Text files, and Parquet files whose row groups are far larger than a shard, are copied once into Parquet of
+shard-sized row groups under the output (_input_cache/), so a shard reads only its own rows when step 3 reads
+it back (read_shard), and URL dedup only their url column (read_shard_urls).
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ INPUT_CACHE_DIR = "_input_cache"
 # Recorded with each cached copy: a copy made by a reader that checked less (JSONL columns from the first
 # rows only, CSV quotes unchecked) is made again.
 INPUT_CACHE_VERSION = 2
+# A Parquet input is read in place when its row groups hold at most this many shards' rows, and copied once
+# into shard-sized row groups when they hold more. Parquet decodes whole row groups (pyarrow cannot start in
+# the middle of one), so a shard in place reads every row group it overlaps: with one row group of 1M rows
+# and 10k-row shards, each of the file's 100 shards would read all 1M rows, 100 times the file in all. The copy
+# reads the file once and writes it once; from then on each shard reads at most two groups of its own size.
+REGROUP_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,19 @@ def key_digits(samples_per_shard: int) -> int:
 def shard_key(row_index: int, samples_per_shard: int) -> str:
     shard_id, position = divmod(row_index, samples_per_shard)
     return f"{shard_name(shard_id)}{position:0{key_digits(samples_per_shard)}d}"
+
+
+def shard_keys(row_index: pa.Array, samples_per_shard: int) -> pa.Array:
+    """shard_key of every row_index, computed by Arrow (a Python call per row costs seconds per million)."""
+    spp = pa.scalar(samples_per_shard, pa.int64())
+    shard_id = pc.divide(row_index, spp)
+    position = pc.subtract(row_index, pc.multiply(shard_id, spp))
+    # shard_name's zero padding to 5 digits, which a larger shard number outgrows, as f"{n:05d}" does.
+    shard_part = pc.utf8_lpad(pc.cast(shard_id, pa.string()), width=len(shard_name(0)), padding="0")
+    position_part = pc.utf8_lpad(
+        pc.cast(position, pa.string()), width=key_digits(samples_per_shard), padding="0"
+    )
+    return pc.binary_join_element_wise(shard_part, position_part, "")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,11 +210,12 @@ def inspect_file(uri: str, fmt: str, compression: str | None) -> InputFile:
         raise file_format.read_failure(uri, compression, e) from None
 
 
-def read_slice(piece: FileSlice) -> pa.Table:
-    """The source rows of one file slice, with the file's own column names."""
+def read_slice(piece: FileSlice, columns: tuple[str, ...] | None = None) -> pa.Table:
+    """The source rows of one file slice, with the file's own column names; only `columns` (those of them the
+    file has) when given."""
     f = piece.file
     try:
-        return format_named(f.format).read_rows(f, piece.start, piece.num_rows)
+        return format_named(f.format).read_rows(f, piece.start, piece.num_rows, columns)
     except InputError:
         raise
     except (OSError, pa.ArrowException, EOFError) as e:
@@ -222,14 +243,40 @@ def cache_text_file(
     """Copy a CSV/TSV/JSONL file (plain or gzip) once into Parquet at parquet_uri and describe it.
 
     The copy's layout is its format's (TextFormat.copy_as_parquet): the rows as read_slice reads them from
-    the text, every row parsed on the way for the file's columns. A JSON marker beside the copy, written last,
-    records the source (URI, size, modification time, INPUT_CACHE_VERSION): a later call for the same source
-    reuses the copy without reading the source, and an unfinished conversion is done again. The file is
-    streamed batch by batch into a local scratch file, never held in memory whole.
+    the text, every row parsed on the way for the file's columns. See _cached_copy for when a copy is reused.
     """
     text_format = FORMATS.get(fmt)
     if not isinstance(text_format, TextFormat):
         raise InputError(f"unsupported text input format {fmt!r}; use csv, tsv or jsonl")
+
+    def copy(local: Path) -> tuple[int, tuple[str, ...], tuple[str, ...]]:
+        text_format.check_content(uri, compression)
+        return text_format.copy_as_parquet(uri, compression, local, rows_per_group)
+
+    return _cached_copy(uri, fmt, compression, parquet_uri, rows_per_group, copy)
+
+
+def regroup_parquet_file(f: InputFile, parquet_uri: str, rows_per_group: int) -> InputFile:
+    """Copy a Parquet input whose row groups are far larger than a shard once into row groups of
+    rows_per_group rows at parquet_uri; its shards are then read from the copy (see REGROUP_FACTOR)."""
+    parquet = FORMATS["parquet"]
+
+    def copy(local: Path) -> tuple[int, tuple[str, ...], tuple[str, ...]]:
+        return parquet.copy_regrouped(f.uri, local, rows_per_group), f.columns, f.column_types
+
+    return _cached_copy(f.uri, f.format, f.compression, parquet_uri, rows_per_group, copy)
+
+
+def _cached_copy(uri: str, fmt: str, compression: str | None, parquet_uri: str, rows_per_group: int, copy):
+    """The InputFile of `uri` read from its Parquet copy at parquet_uri, made by copy(local_path) unless a
+    finished copy of the same source is there.
+
+    A JSON marker beside the copy, written last, records the source (URI, size, modification time,
+    INPUT_CACHE_VERSION): a later call for the same source reuses the copy without reading the source, and an
+    unfinished copy is made again. The copy is streamed batch by batch into a local scratch file, never held in
+    memory whole.
+    """
+    file_format = FORMATS[fmt]
     marker_uri = _marker_uri(parquet_uri)
     try:
         fs, path = storage.pyarrow_filesystem(uri)
@@ -243,24 +290,32 @@ def cache_text_file(
             "reader": INPUT_CACHE_VERSION,
         }
     except (OSError, pa.ArrowException) as e:
-        raise text_format.read_failure(uri, compression, e) from None
+        raise file_format.read_failure(uri, compression, e) from None
     if storage.exists(marker_uri):
         with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):  # unreadable: made again
             marker = json.loads(storage.read_bytes(marker_uri))
             if marker.get("source") == source and storage.exists(parquet_uri):
                 columns, types = tuple(marker["columns"]), tuple(marker["column_types"])
-                return InputFile(uri, fmt, compression, int(marker["num_rows"]), columns, types, parquet_uri)
+                return InputFile(
+                    uri,
+                    fmt,
+                    compression,
+                    int(marker["num_rows"]),
+                    columns,
+                    types,
+                    parquet_uri,
+                    rows_per_group,
+                )
         # Another source (the input changed): the copy is stale until the new marker is written.
         storage.delete(marker_uri)
     with tempfile.TemporaryDirectory(prefix="input-cache-") as scratch:
         local = Path(scratch) / "rows.parquet"
         try:
-            text_format.check_content(uri, compression)
-            num_rows, columns, types = text_format.copy_as_parquet(uri, compression, local, rows_per_group)
+            num_rows, columns, types = copy(local)
         except InputError:
             raise
         except (OSError, pa.ArrowException, EOFError) as e:
-            raise text_format.read_failure(uri, compression, e) from None
+            raise file_format.read_failure(uri, compression, e) from None
         storage.publish_file(local, parquet_uri)
     failpoints.reach("plan.input_cached")  # the copy is published, its marker not yet written
     marker = {
@@ -271,7 +326,7 @@ def cache_text_file(
         "row_group_rows": rows_per_group,
     }
     storage.write_bytes(marker_uri, json.dumps(marker, indent=1).encode())
-    return InputFile(uri, fmt, compression, num_rows, columns, types, parquet_uri)
+    return InputFile(uri, fmt, compression, num_rows, columns, types, parquet_uri, rows_per_group)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -304,9 +359,7 @@ def to_canonical(raw: pa.Table, cfg: IngestConfig, first_row_index: int) -> pa.T
     columns: dict[str, pa.Array] = {
         "row_index": row_index,
         "shard_id": pc.divide(row_index, pa.scalar(spp, pa.int64())),
-        "key": pa.array(
-            [shard_key(i, spp) for i in range(first_row_index, first_row_index + n)], pa.string()
-        ),
+        "key": shard_keys(row_index, spp),
         # A file that lacks the column in some rows (JSONL) gives nulls; the downloader fails those rows.
         "url": _as_text(raw[cfg.url_col]) if cfg.url_col in raw.column_names else pa.nulls(n, pa.string()),
         "caption": (
@@ -348,14 +401,21 @@ def inspect_input(cfg: IngestConfig, cache_text: bool = True) -> list[InputFile]
     """Every input file with its row count, in input order; checks the url/caption columns exist.
 
     cache_text: copy each text file once into Parquet under the output (see cache_text_file), so that its
-    slices are read by row group; without it every slice streams its text file from the start.
+    slices are read by row group, and likewise each Parquet file whose row groups hold more than
+    REGROUP_FACTOR shards (regroup_parquet_file); without it every slice streams its text file from the start
+    and reads its Parquet file's row groups in place.
     """
     found = list_input_files(cfg.input, cfg.input_format)
 
+    spp = cfg.samples_per_shard
+
     def inspect(index: int, uri: str, fmt: str, compression: str | None) -> InputFile:
         if cache_text and isinstance(FORMATS.get(fmt), TextFormat):
-            return cache_text_file(uri, fmt, compression, cache_uri(cfg.output, index), cfg.samples_per_shard)
-        return inspect_file(uri, fmt, compression)
+            return cache_text_file(uri, fmt, compression, cache_uri(cfg.output, index), spp)
+        f = inspect_file(uri, fmt, compression)
+        if cache_text and f.largest_row_group > REGROUP_FACTOR * spp:
+            return regroup_parquet_file(f, cache_uri(cfg.output, index), spp)
+        return f
 
     with concurrent.futures.ThreadPoolExecutor(min(INSPECT_THREADS, len(found))) as pool:
         files = list(pool.map(lambda item: inspect(item[0], *item[1]), enumerate(found)))
@@ -402,9 +462,20 @@ def plan_shards(cfg: IngestConfig, cache_text: bool = True) -> list[ShardSpec]:
 
 def read_shard(cfg: IngestConfig, spec: ShardSpec) -> pa.Table:
     """The shard's rows with the canonical columns; slices from different files are stacked in order."""
+    return _read_shard(cfg, spec, None)
+
+
+def read_shard_urls(cfg: IngestConfig, spec: ShardSpec) -> pa.Table:
+    """row_index, key and url of the shard's rows: what URL dedup needs. Only the url column is read from the
+    input (Parquet reads a column's pages alone), not the captions and carried columns that make up most of a
+    URL list's bytes."""
+    return _read_shard(cfg, spec, (cfg.url_col,)).select(["row_index", "key", "url"])
+
+
+def _read_shard(cfg: IngestConfig, spec: ShardSpec, columns: tuple[str, ...] | None) -> pa.Table:
     tables, row = [], spec.first_row_index
     for piece in spec.slices:
-        raw = read_slice(piece)
+        raw = read_slice(piece, columns)
         for name in set(spec.text_columns) & set(raw.column_names):
             raw = raw.set_column(raw.schema.get_field_index(name), name, _as_text(raw[name]))
         tables.append(to_canonical(raw, cfg, row))

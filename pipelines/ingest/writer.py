@@ -62,6 +62,22 @@ def staged_uri(output_uri: str, shard_id: int) -> str:
     return storage.join(output_uri, STAGING_DIR, shards.parquet_name(shard_id))
 
 
+_STAGED_NAME = re.compile(r"^(\d+)\.parquet$")
+
+
+def staged_shards(output_uri: str, settings: storage.S3Settings | None = None) -> set[int]:
+    """Shards whose staged file exists: one listing of the staging folder, not a request per shard, so that a
+    resumed run of 40,000 shards learns what is staged in a few requests."""
+    folder = storage.join(output_uri, STAGING_DIR)
+    root = storage.listing_root(folder)
+    found = set()
+    for entry in storage.list_files(folder, settings=settings, recursive=False):
+        match = _STAGED_NAME.match(entry.uri[len(root) :].lstrip("/"))
+        if match:
+            found.add(int(match.group(1)))
+    return found
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Failure reasons, grouped coarsely so that stats stay small and add up across shards
 

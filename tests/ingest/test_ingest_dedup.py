@@ -230,3 +230,23 @@ def test_a_table_without_duplicates_gives_an_empty_list_and_is_left_as_is():
     found = find_duplicates(table, "url")
     assert found.num_rows == 0 and found.schema == DUPLICATES_SCHEMA
     assert mark_url_duplicates(table)["status"].null_count == 50
+
+
+def test_arrow_string_keys_give_what_python_keys_give():
+    rng = np.random.default_rng(1)
+    values = [f"http://e/{i}" for i in rng.integers(0, 300, 3000)]
+    for i in rng.choice(3000, 400, replace=False):
+        values[i] = None if i % 2 else ""
+    rows = rng.permutation(3000) + 7
+    python = first_occurrence(np.array(values, dtype=object), rows)
+    chunked = pa.chunked_array([pa.array(values[:1234]), pa.array(values[1234:])])
+    assert first_occurrence(chunked, rows).tolist() == python.tolist()
+    assert first_occurrence(pa.array(values), rows).tolist() == python.tolist()
+    # find_duplicates over the Arrow table: the same duplicates, named by the kept row's key.
+    table = pa.table(
+        {"row_index": pa.array(rows, pa.int64()), "key": [key_of(r) for r in rows], "url": chunked}
+    )
+    found = find_duplicates(table, "url")
+    expected = sorted((r, k) for r, k in zip(rows.tolist(), python.tolist()) if r != k)
+    assert list(zip(found["row_index"].to_pylist(), found["kept_row_index"].to_pylist())) == expected
+    assert found["kept_key"].to_pylist() == [key_of(k) for _, k in expected]

@@ -770,3 +770,101 @@ def test_parquet_copy_made_by_an_older_reader_or_with_a_broken_marker_is_made_ag
     assert plan_shards(cfg)[0].slices[0].file.columns == ("caption", "url", "late")
     marker.write_text("{not json")
     assert plan_shards(cfg)[0].slices[0].file.columns == ("caption", "url", "late")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Column- and row-group-aware reading
+
+
+@pytest.mark.parametrize("samples_per_shard", [1, 7, 10, 1000])
+def test_shard_keys_computed_by_arrow_are_shard_key(samples_per_shard):
+    from pipelines.ingest.reader import shard_keys
+
+    rows = list(range(0, 3000, 7)) + [
+        99_999 * samples_per_shard,
+        123_456 * samples_per_shard + 5 % samples_per_shard,
+    ]
+    assert shard_keys(pa.array(rows, pa.int64()), samples_per_shard).to_pylist() == [
+        shard_key(i, samples_per_shard) for i in rows
+    ]
+
+
+@pytest.mark.parametrize("cache_text", [True, False])
+def test_url_reads_give_the_rows_of_full_reads_in_every_format(tmp_path, cache_text):
+    from pipelines.ingest.reader import read_shard_urls
+
+    folder = tmp_path / "in"
+    write(folder / "a.csv", make_rows(7), "csv")
+    write(folder / "b.tsv.gz", make_rows(5, start=7), "tsv", gz=True)
+    write(folder / "c.jsonl", mixed_jsonl_rows(9, start=12), "jsonl")
+    write(folder / "d.parquet", make_rows(5, start=21), "parquet")
+    cfg = config(folder, samples_per_shard=4)
+    specs = plan_shards(cfg, cache_text=cache_text)
+    for spec in specs:
+        urls = read_shard_urls(cfg, spec)
+        assert urls.column_names == ["row_index", "key", "url"]
+        assert urls.equals(read_shard(cfg, spec).select(["row_index", "key", "url"]))
+
+
+def test_url_reads_read_only_the_url_column_of_parquet(tmp_path):
+    from pipelines.ingest import input_formats
+    from pipelines.ingest.reader import read_shard_urls
+
+    path = write(tmp_path / "urls.parquet", make_rows(10), "parquet")
+    cfg = config(path, samples_per_shard=4)
+    (spec,) = plan_shards(cfg)[1:2]
+    read = []
+    original = input_formats._read_parquet_rows
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(input_formats, "_read_parquet_rows", lambda *a: read.append(a) or original(*a))
+        read_shard_urls(cfg, spec)
+    assert [columns for *_, columns in read] == [("url",)]
+
+
+def one_row_group(path, rows):
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=len(rows))
+    return path
+
+
+@pytest.mark.parametrize("samples_per_shard", [3, 10])
+def test_parquet_of_one_huge_row_group_is_regrouped_once_and_gives_the_same_shards(
+    tmp_path, samples_per_shard
+):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write(folder / "a.parquet", make_rows(5), "parquet")  # row groups of 2 rows: read in place
+    one_row_group(folder / "b.parquet", make_rows(97, start=5))
+    cfg = config(folder, samples_per_shard=samples_per_shard)
+    in_place, regrouped = plan_shards(cfg, cache_text=False), plan_shards(cfg)
+    files = {p.file.uri.rsplit("/", 1)[-1]: p.file for s in regrouped for p in s.slices}
+    assert files["a.parquet"].cached is None and files["b.parquet"].largest_row_group == samples_per_shard
+    assert {p.file.largest_row_group for s in in_place for p in s.slices} == {2, 97}
+    copy = files["b.parquet"].cached
+    assert copy == os.path.join(cfg.output, INPUT_CACHE_DIR, "00001.parquet")
+    groups = pq.ParquetFile(copy).metadata
+    assert [groups.row_group(i).num_rows for i in range(groups.num_row_groups)] == [
+        min(samples_per_shard, 97 - i) for i in range(0, 97, samples_per_shard)
+    ]
+    assert [(s.shard_id, s.first_row_index, s.num_rows) for s in regrouped] == [
+        (s.shard_id, s.first_row_index, s.num_rows) for s in in_place
+    ]
+    for a, b in zip(regrouped, in_place, strict=True):
+        assert read_shard(cfg, a).equals(read_shard(cfg, b))
+    # The next plan reuses the copy; a changed source is copied again.
+    stamp = os.stat(copy).st_mtime_ns
+    assert plan_shards(cfg) == regrouped and os.stat(copy).st_mtime_ns == stamp
+    one_row_group(folder / "b.parquet", make_rows(50, start=5))
+    replanned = plan_shards(cfg)
+    assert sum(s.num_rows for s in replanned) == 55
+    urls = pa.concat_tables([read_shard(cfg, s) for s in replanned])["url"].to_pylist()
+    assert urls == [r["url"] for r in make_rows(55)]
+
+
+def test_parquet_row_groups_up_to_the_regroup_factor_are_read_in_place(tmp_path):
+    from pipelines.ingest.reader import REGROUP_FACTOR
+
+    path = one_row_group(tmp_path / "urls.parquet", make_rows(REGROUP_FACTOR * 5))
+    assert all(
+        p.file.cached is None for s in plan_shards(config(path, samples_per_shard=5)) for p in s.slices
+    )
+    assert not os.path.exists(os.path.join(OUTPUT["uri"], INPUT_CACHE_DIR))

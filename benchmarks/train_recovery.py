@@ -49,7 +49,7 @@ def run_once(env: dict[str, str], data_uri: str, spare: bool, args) -> dict:
             "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--workers", "2",
             "--min-workers", "1", "--output", output, "--experiment", "benchmarks-train-recovery",
             "--checkpoint-every", str(args.kill_after), "--log-every", "1", "--warmup", "2",
-            "--loader-workers", "0", "--shuffle-buffer", "32",
+            "--loader-workers", "0", "--shuffle-buffer", "32", "--keep-last", "10",
             "--registered-model", f"benchmarks-recovery-{uuid.uuid4().hex[:8]}",
         ]  # fmt: skip
         client = cluster.job_client()
@@ -75,9 +75,16 @@ def run_once(env: dict[str, str], data_uri: str, spare: bool, args) -> dict:
                 raise TimeoutError(client.get_job_logs(job_id)[-3000:])
             time.sleep(1.0)
         status = str(client.get_job_status(job_id).value)
+        out = REPO / "benchmarks" / "out"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"train_recovery_{'spare' if spare else 'no_spare'}.log").write_text(
+            client.get_job_logs(job_id)
+        )
         if status != "SUCCEEDED":
             raise RuntimeError(f"the job {status}:\n{client.get_job_logs(job_id)[-5000:]}")
     checkpoints = list_complete(storage.join(output, "checkpoints"))
+    # When the restarted group's rank 0 entered the training loop (its workers/rank_0.json).
+    restarted = json.loads(storage.read_bytes(storage.join(output, "workers", "rank_0.json")))["started_at"]
     run_id = checkpoints[-1].info["mlflow_run_id"]
     history = sorted(mlflow.MlflowClient().get_metric_history(run_id, "loss"), key=lambda m: m.step)
     after = [m for m in history if m.timestamp / 1000 > killed_at]
@@ -88,6 +95,8 @@ def run_once(env: dict[str, str], data_uri: str, spare: bool, args) -> dict:
     return {
         "spare_node": spare,
         "recovery_s": round(after[0].timestamp / 1000 - killed_at, 1),
+        "kill_to_loop_start_s": round(restarted - killed_at, 1),  # Ray: detect, tear down, restart, imports
+        "loop_start_to_step_s": round(after[0].timestamp / 1000 - restarted, 1),  # model, checkpoint, loader
         "first_step_after": after[0].step,
         "world_sizes": [c.info["world_size"] for c in checkpoints],
         "step_time_before_s": round(sum(before_s) / len(before_s), 2),

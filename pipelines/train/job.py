@@ -141,9 +141,8 @@ def scaling_config(cfg: TrainConfig):
     resize_check_s."""
     import ray.train
 
-    elastic = {"num_workers": (cfg.min_workers, cfg.workers)} if cfg.elastic else {"num_workers": cfg.workers}
     return ray.train.ScalingConfig(
-        **elastic,
+        num_workers=(cfg.min_workers, cfg.workers) if cfg.elastic else cfg.workers,
         use_gpu=cfg.use_gpu,
         resources_per_worker=_worker_resources(cfg),
         elastic_resize_monitor_interval_s=cfg.resize_check_s,

@@ -35,6 +35,8 @@ from pipelines.formats.checkpoints import list_complete  # noqa: E402
 from tests.train.test_train_job import write_scene_shards  # noqa: E402
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# How long Ray Train waits for a worker group to start before it decides again (default 60 s).
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 def run_once(env: dict[str, str], data_uri: str, spare: bool, args) -> dict:
@@ -62,6 +64,7 @@ def run_once(env: dict[str, str], data_uri: str, spare: bool, args) -> dict:
                     failpoints.PAUSE_DIR_ENV: pause_dir,
                     failpoints.PAUSE_TIMEOUT_ENV: "300",
                 }
+                | ({START_TIMEOUT_ENV: str(args.start_timeout_s)} if args.start_timeout_s else {})
             },
         )
         paused = failpoints.wait_reached(pause_dir, point, args.kill_after, timeout_s=400)
@@ -94,6 +97,7 @@ def run_once(env: dict[str, str], data_uri: str, spare: bool, args) -> dict:
     storage.delete(output, recursive=True)
     return {
         "spare_node": spare,
+        "start_timeout_s": args.start_timeout_s or 60.0,
         "recovery_s": round(after[0].timestamp / 1000 - killed_at, 1),
         "kill_to_loop_start_s": round(restarted - killed_at, 1),  # Ray: detect, tear down, restart, imports
         "loop_start_to_step_s": round(after[0].timestamp / 1000 - restarted, 1),  # model, checkpoint, loader
@@ -110,6 +114,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--kill-after", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--spare", choices=["both", "yes", "no"], default="both")
+    parser.add_argument("--start-timeout-s", type=float, help=f"{START_TIMEOUT_ENV} for the job (Ray: 60)")
     args = parser.parse_args()
     with local.leased() as env:
         os.environ.update({k: v for k, v in env.items() if k.startswith(("AWS_", "MLFLOW_"))})
@@ -119,7 +125,7 @@ def main() -> None:
         write_scene_shards(data_uri, 2, 32)
         try:
             for _ in range(args.rounds):
-                for spare in (False, True):
+                for spare in {"both": (False, True), "yes": (True,), "no": (False,)}[args.spare]:
                     print(json.dumps(run_once(env, data_uri, spare, args)), flush=True)
         finally:
             storage.delete(data_uri, recursive=True)

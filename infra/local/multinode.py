@@ -138,17 +138,20 @@ class MultiNodeCluster:
         index = len(self.nodes)
         temp_dir = self.root / f"n{index}"  # short: Ray's socket paths must stay under 108 bytes
         temp_dir.mkdir(parents=True, exist_ok=True)
-        ports = {
-            name: free_port(address)
-            for name in (
-                "node-manager-port",
-                "object-manager-port",
-                "metrics-export-port",
-                "dashboard-agent-grpc-port",
-                "dashboard-agent-listen-port",
-                "runtime-env-agent-port",
-            )
-        }
+        names = (
+            "node-manager-port",
+            "object-manager-port",
+            "metrics-export-port",
+            "dashboard-agent-grpc-port",
+            "dashboard-agent-listen-port",
+            "runtime-env-agent-port",
+        )
+        # Each port is free when drawn but not held, so the kernel may hand the same one out twice; Ray refuses
+        # a node whose components share a port.
+        drawn: set[int] = set()
+        while len(drawn) < len(names):
+            drawn.add(free_port(address))
+        ports = dict(zip(names, sorted(drawn)))
         command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *flags]
         command += [f"--node-ip-address={address}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
         command += [f"--object-store-memory={self.object_store_bytes}"]

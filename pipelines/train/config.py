@@ -6,6 +6,7 @@ to MLflow). Defaults follow OpenCLIP's trainer for ViTs (lr 5e-4, betas 0.9/0.98
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -19,7 +20,11 @@ class TrainConfig(Section):
     model: str
     steps: int = Field(gt=0)  # optimizer steps
     batch_size: int = Field(gt=0)  # GLOBAL batch per optimizer step, as in the paper
-    workers: int = Field(1, gt=0)  # Ray Train workers (one per GPU with use_gpu)
+    workers: int = Field(1, gt=0)  # Ray Train workers (one per GPU with use_gpu); the most, when elastic
+    # Elastic training: Ray Train runs between min_workers and workers, restarting the group smaller when a node
+    # is lost and larger when nodes come back. None: fixed at `workers`.
+    min_workers: int | None = Field(None, gt=0)
+    resize_check_s: float = Field(60.0, gt=0)  # elastic: how often Ray looks for room to grow the group
     output: str
     experiment: str = "clip-ray-train"
     run_name: str | None = None
@@ -34,7 +39,9 @@ class TrainConfig(Section):
     eps: float = Field(1e-6, gt=0)
     # Linear warm-up steps before the cosine decay. None: OpenCLIP's 10,000, but at most a tenth of a short run.
     warmup: int | None = Field(None, ge=0)
-    accum_steps: int = Field(1, gt=0)  # micro-batches per optimizer step, each keeping all negatives
+    # Micro-batches per optimizer step at `workers` workers, each keeping all negatives. With fewer workers
+    # (elastic) each worker accumulates more, so that the global batch stays batch_size (accum_steps_at).
+    accum_steps: int = Field(1, gt=0)
     precision: Literal["bf16", "fp32"] | None = None  # None: bf16 on GPU, fp32 on CPU
     grad_checkpointing: bool = False
     compile: bool = False
@@ -51,7 +58,11 @@ class TrainConfig(Section):
     best_metric: str = "loss"  # checkpoint.json metrics key ranking the checkpoint kept as best
     best_mode: Literal["min", "max"] = "min"
     resume: str | None = None  # a checkpoint folder to start from when the output has none yet
-    max_failures: int = Field(3, ge=-1)  # worker-group restarts Ray Train may do; -1 = unlimited
+    # Worker-group restarts Ray Train may do; -1 = unlimited, since on a long run the autoscaler replaces lost
+    # nodes many times. Ray Train retries every worker error alike, a deterministic bug in the loop too: with
+    # -1 such a run restarts from its last checkpoint until stopped (`ray job stop`), so watch the job's log
+    # or give a bound (docs/scaling.md, "Elastic training").
+    max_failures: int = Field(-1, ge=-1)
     log_every: int = Field(10, gt=0)  # steps between metric logs
     registered_model: str | None = None  # None: "clip-ray-<model>"
     eval_config: str | None = None  # scheduled-eval suite config launched in the background
@@ -69,7 +80,7 @@ class TrainConfig(Section):
             raise ValueError("needs at least one ingest output, manifest or shard pattern")
         return [check_uri(v) for v in value]
 
-    @field_validator("run_name", "registered_model", "resume", "eval_config", mode="before")
+    @field_validator("run_name", "registered_model", "resume", "eval_config", "min_workers", mode="before")
     @classmethod
     def _empty_means_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and value.strip() in ("", "null", "none", "None") else value
@@ -91,6 +102,8 @@ class TrainConfig(Section):
                 f"batch_size {self.batch_size} must be divisible by workers x accum_steps = {self.workers} x "
                 f"{self.accum_steps}, so that every worker's micro-batch has the same size"
             )
+        if self.min_workers is not None:
+            self._check_elastic_range()
         if self.eval_every is not None and self.eval_config is None:
             raise ValueError("eval_every is set but eval_config is not; give --eval-config FILE.yaml as well")
         if self.eval_every is not None and self.eval_every % self.checkpoint_every:
@@ -116,10 +129,49 @@ class TrainConfig(Section):
             raise ValueError("resume points at the output folder itself; give one checkpoint folder under it")
         return self
 
+    def _check_elastic_range(self) -> None:
+        if self.min_workers > self.workers:
+            raise ValueError(
+                f"min_workers {self.min_workers} is above workers {self.workers}; workers is the most the "
+                "elastic run uses, so set min_workers to at most that"
+            )
+        # The micro-batch is fixed, so world size w accumulates (workers x accum_steps) / w of them per step.
+        uneven = [w for w in self.world_sizes if self.micro_batches_per_step % w]
+        if uneven:
+            lcm = math.lcm(*self.world_sizes)
+            fit = lcm // math.gcd(lcm, self.workers)
+            raise ValueError(
+                f"every world size from min_workers {self.min_workers} to workers {self.workers} must split the "
+                f"step's {self.micro_batches_per_step} micro-batches of {self.local_batch_size} samples "
+                f"(workers x accum_steps) evenly, so that each step is still batch_size {self.batch_size}, and "
+                f"{', '.join(map(str, uneven))} cannot; set accum_steps to a multiple of {fit} (keeping "
+                "batch_size divisible by workers x accum_steps) or narrow the range"
+            )
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.workers
+
+    @property
+    def world_sizes(self) -> range:
+        """The worker counts this run may train at."""
+        return range(self.min_workers or self.workers, self.workers + 1)
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches of local_batch_size in one step's global batch, all workers together."""
+        return self.workers * self.accum_steps
+
     @property
     def local_batch_size(self) -> int:
-        """Samples per worker per micro-batch."""
+        """Samples per worker per micro-batch: fixed for the whole run, whatever the world size."""
         return self.batch_size // (self.workers * self.accum_steps)
+
+    def accum_steps_at(self, world_size: int) -> int:
+        """Micro-batches each of `world_size` workers accumulates per step so that the step is batch_size."""
+        if world_size not in self.world_sizes:
+            raise ValueError(f"world size {world_size} is outside {self.world_sizes.start}..{self.workers}")
+        return self.micro_batches_per_step // world_size
 
     @property
     def checkpoints_uri(self) -> str:
@@ -160,7 +212,9 @@ _OPTIONS = (
     ("model", "model", "architecture name, e.g. ViT-B-32 (see clip_core.list_models())"),
     ("steps", "steps", "optimizer steps to train for"),
     ("batch-size", "batch_size", "GLOBAL batch size per optimizer step (over all workers and micro-batches)"),
-    ("workers", "workers", "Ray Train workers (one per GPU with --use-gpu)"),
+    ("workers", "workers", "Ray Train workers (one per GPU with --use-gpu); the most, with --min-workers"),
+    ("min-workers", "min_workers", "elastic training: the fewest workers the run goes on with"),
+    ("resize-check-s", "resize_check_s", "elastic: seconds between Ray's checks for room to grow"),
     ("output", "output", "output folder for checkpoints and the resolved config: local path or s3://"),
     ("experiment", "experiment", "MLflow experiment"),
     ("run-name", "run_name", "MLflow run name"),
@@ -168,7 +222,7 @@ _OPTIONS = (
     ("lr", "lr", "peak learning rate"),
     ("weight-decay", "weight_decay", "AdamW weight decay on weights (not on gains, biases, logit scale)"),
     ("warmup", "warmup", "linear warm-up steps"),
-    ("accum-steps", "accum_steps", "micro-batches accumulated per optimizer step"),
+    ("accum-steps", "accum_steps", "micro-batches accumulated per optimizer step (at --workers workers)"),
     ("precision", "precision", "bf16|fp32 (default: bf16 on GPU, fp32 on CPU)"),
     ("grad-clip-norm", "grad_clip_norm", "clip the global gradient norm to this"),
     ("seed", "seed", "seed of the weights and the data order"),

@@ -13,6 +13,10 @@ Why it is built this way
   a stream that meets as many failures in a row as the data holds stops the run (NoUsableSamplesError).
 - A rank's batches are a pure function of its LoaderSpec, so a checkpoint needs only each stream's place in
   its epoch to resume exactly (`TrainLoader.position`).
+- Elastic: the streams are laid out for the most ranks the run may have (`max_world_size`), whatever the
+  world size now, and a smaller world gives each rank the streams of several of those slots. A stream's
+  samples depend on its id and the layout only, so a run that restarts with another world size continues
+  every stream where it stopped: nothing is repeated or skipped (`stream_ids`).
 - DataLoader workers and not Ray Data: Ray Data has no mid-epoch position (its block order and local shuffle
   are not reproducible from a checkpoint, so a restarted run would repeat or skip samples), restarts its
   execution every epoch, and took more CPU per sample and far longer to the first batch (BENCHMARKS.md,
@@ -60,7 +64,7 @@ from pipelines.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-POSITION_FORMAT = 1
+POSITION_FORMAT = 2  # 1: positions by rank (a layout for one world size), still read
 CAPTION_EXT = "txt"
 READ_ATTEMPTS = 3
 RETRY_PAUSE_S = 0.2
@@ -310,7 +314,10 @@ class LoaderSpec:
     """Everything that fixes the batches of one rank: the same spec gives the same batches. It is pickled
     into every DataLoader worker process.
 
-    num_workers: DataLoader worker processes, one stream each; 0 runs one stream in the training process.
+    num_workers: DataLoader worker processes; 0 runs the rank's streams in the training process.
+    max_world_size: the most ranks of the run (None: world_size). The streams are laid out for that many,
+    `streams_per_rank` each; at a smaller world size rank r serves the streams of every slot q with
+    q % world_size == r, so the streams, and what each yields, do not depend on the world size.
     """
 
     shards: tuple[Shard, ...]
@@ -322,12 +329,15 @@ class LoaderSpec:
     shuffle_buffer: int
     seed: int
     settings: storage.S3Settings | None = None
+    max_world_size: int | None = None
 
     def __post_init__(self) -> None:
         if not self.shards:
             raise ValueError("the loader needs at least one shard")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        if self.max_world_size is not None and self.max_world_size < self.world_size:
+            raise ValueError(f"world size {self.world_size} is above max_world_size {self.max_world_size}")
         if self.local_batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ValueError("local_batch_size must be >= 1, num_workers and shuffle_buffer >= 0")
 
@@ -343,6 +353,7 @@ class LoaderSpec:
             num_workers=cfg.loader_workers,
             shuffle_buffer=cfg.shuffle_buffer,
             seed=cfg.seed,
+            max_world_size=cfg.workers,
         )
 
     @property
@@ -350,8 +361,24 @@ class LoaderSpec:
         return max(1, self.num_workers)
 
     @property
+    def num_slots(self) -> int:
+        return self.max_world_size or self.world_size
+
+    @property
     def num_streams(self) -> int:
-        return self.world_size * self.streams_per_rank
+        return self.num_slots * self.streams_per_rank
+
+    @property
+    def stream_ids(self) -> list[int]:
+        """The global streams this rank serves, in the order its batches take them."""
+        slots = range(self.rank, self.num_slots, self.world_size)
+        return [slot * self.streams_per_rank + i for slot in slots for i in range(self.streams_per_rank)]
+
+    def worker_streams(self) -> list[list[int]]:
+        """The streams of each DataLoader worker (one list for num_workers=0): worker i serves the i-th stream
+        of each of the rank's slots, so that at full world size each worker has one stream."""
+        ids = self.stream_ids
+        return [ids[i :: self.streams_per_rank] for i in range(self.streams_per_rank)]
 
     @property
     def num_samples(self) -> int:
@@ -387,9 +414,9 @@ def decode_sample(sample: RawSample, transform) -> tuple[torch.Tensor, str] | No
         return None
 
 
-def stream_batches(spec: LoaderSpec, local_stream: int, start: StreamPosition) -> Iterator[tuple]:
-    """Batches (images, texts, state) of one stream, forever; state says where the stream is after it."""
-    stream = spec.rank * spec.streams_per_rank + local_stream
+def stream_batches(spec: LoaderSpec, stream: int, start: StreamPosition) -> Iterator[tuple]:
+    """Batches (images, texts, state) of global stream `stream`, forever; state says where the stream is
+    after it."""
     counters = StreamCounters()
     samples = stream_raw_samples(
         list(spec.shards),
@@ -433,7 +460,7 @@ def stream_batches(spec: LoaderSpec, local_stream: int, start: StreamPosition) -
                     )
         batches += 1
         state = {
-            "stream": local_stream,
+            "stream": stream,
             "position": asdict(
                 StreamPosition(epoch, raw, batches, counters.corrupt, counters.failures_in_a_row)
             ),
@@ -442,17 +469,28 @@ def stream_batches(spec: LoaderSpec, local_stream: int, start: StreamPosition) -
         yield torch.stack(images), clip_core.tokenize(captions), state
 
 
-class RankStreams(IterableDataset):
-    """The DataLoader's dataset: worker i serves local stream (i + rotation) % streams_per_rank."""
+def round_robin_batches(
+    spec: LoaderSpec, streams: list[int], positions: dict[int, StreamPosition]
+) -> Iterator[tuple]:
+    """Batches of several streams in turn. The turn goes on from the batches the streams have made, so a
+    resumed group takes the stream whose turn it was."""
+    iterators = [stream_batches(spec, stream, positions[stream]) for stream in streams]
+    first = sum(positions[stream].batches for stream in streams)
+    for turn in itertools.count(first):
+        yield next(iterators[turn % len(iterators)])
 
-    def __init__(self, spec: LoaderSpec, positions: list[StreamPosition], rotation: int):
+
+class RankStreams(IterableDataset):
+    """The DataLoader's dataset: worker i serves stream group (i + rotation) % streams_per_rank."""
+
+    def __init__(self, spec: LoaderSpec, positions: dict[int, StreamPosition], rotation: int):
         self.spec, self.positions, self.rotation = spec, positions, rotation
 
     def __iter__(self):
         info = get_worker_info()
         worker = 0 if info is None else info.id
-        local_stream = (worker + self.rotation) % self.spec.streams_per_rank
-        return stream_batches(self.spec, local_stream, self.positions[local_stream])
+        groups = self.spec.worker_streams()
+        return round_robin_batches(self.spec, groups[(worker + self.rotation) % len(groups)], self.positions)
 
 
 def _worker_init(worker_id: int) -> None:
@@ -482,8 +520,7 @@ class TrainLoader:
     ):
         self.spec = spec
         self.pin_memory, self.prefetch_factor, self.with_keys = pin_memory, prefetch_factor, with_keys
-        self.positions = [StreamPosition() for _ in range(spec.streams_per_rank)]
-        self.batches = 0  # since the streams started
+        self.positions = {stream: StreamPosition() for stream in spec.stream_ids}
         self.samples_seen = 0  # all ranks together, since the run began
         self.wait_seconds = 0.0
         self._batch_iterator: Iterator | None = None
@@ -493,10 +530,10 @@ class TrainLoader:
     # -- position --------------------------------------------------------------------------------------
 
     def _layout(self) -> dict[str, Any]:
+        """What must be the same for saved stream positions to mean the same samples."""
         spec = self.spec
         return {
-            "world_size": spec.world_size,
-            "num_workers": spec.num_workers,
+            "num_streams": spec.num_streams,
             "local_batch_size": spec.local_batch_size,
             "seed": spec.seed,
             "shuffle_buffer": spec.shuffle_buffer,
@@ -505,34 +542,34 @@ class TrainLoader:
         }
 
     def position(self) -> dict[str, Any]:
-        """The JSON-serialisable data position after the batches yielded so far, for this rank: per stream,
-        its epoch and how many shuffled raw samples of that epoch it has consumed. The trainer saves
-        `gather_positions(loader)`, which holds every rank's."""
+        """The JSON-serialisable data position after the batches yielded so far, for this rank's streams:
+        each one's epoch and how many shuffled raw samples of that epoch it has consumed. The trainer saves
+        `gather_positions(loader)`, which holds every stream's."""
         return {
             "format": POSITION_FORMAT,
             **self._layout(),
-            "batches": self.batches,
+            "world_size": self.spec.world_size,  # for the record: any world size resumes
             "samples_seen": self.samples_seen,
-            "ranks": {str(self.spec.rank): [asdict(p) for p in self.positions]},
+            "streams": {str(stream): asdict(p) for stream, p in self.positions.items()},
         }
 
     def _restore(self, position: dict) -> None:
-        """Continue exactly where `position` stopped: each stream replays its epoch from the start and skips
-        the consumed samples without decoding them (reading at most one stream-epoch of bytes). If the
-        layout changed or this rank has no entry, restart the epoch in progress under the new split."""
-        if position.get("format") != POSITION_FORMAT:
-            raise ValueError(f"data position has format {position.get('format')}, expected {POSITION_FORMAT}")
+        """Continue exactly where `position` stopped, at any world size: each of this rank's streams replays
+        its epoch from the start and skips the consumed samples without decoding them (reading at most one
+        stream-epoch of bytes). If the layout changed (the number of streams, the micro-batch, the data...)
+        or a stream has no entry, restart the epoch in progress under the new layout."""
+        position = _upgraded(position)
         self.samples_seen = int(position["samples_seen"])
-        saved = position.get("ranks", {}).get(str(self.spec.rank))
+        saved = position.get("streams", {})
         changed = [k for k, v in self._layout().items() if position.get(k) != v]
-        if not changed and saved is not None:
-            self.batches = int(position["batches"])
-            self.positions = [StreamPosition(**p) for p in saved]
+        missing = [s for s in self.positions if str(s) not in saved]
+        if not changed and not missing:
+            self.positions = {s: StreamPosition(**saved[str(s)]) for s in self.positions}
             return
-        # Raw positions mean nothing under another split: start the epoch in progress over.
+        # Raw positions mean nothing under another layout: start the epoch in progress over.
         epoch = self.samples_seen // self.spec.num_samples
-        self.positions = [StreamPosition(epoch=epoch) for _ in range(self.spec.streams_per_rank)]
-        why = f"{', '.join(changed)} changed" if changed else f"it holds no entry for rank {self.spec.rank}"
+        self.positions = {s: StreamPosition(epoch=epoch) for s in self.positions}
+        why = f"{', '.join(changed)} changed" if changed else f"it holds no entry for streams {missing}"
         log.warning(
             "data position not resumable exactly (%s): restarting epoch %d from its first shard, so samples "
             "already seen in this epoch are seen again",
@@ -543,7 +580,7 @@ class TrainLoader:
     @property
     def corrupt_samples(self) -> int:
         """Corrupt samples this rank's streams skipped (including those lost in bad shards)."""
-        return sum(p.corrupt for p in self.positions)
+        return sum(p.corrupt for p in self.positions.values())
 
     @property
     def epoch(self) -> float:
@@ -553,8 +590,9 @@ class TrainLoader:
 
     def _start(self) -> Iterator:
         spec = self.spec
-        # Rotating the workers makes the resumed round-robin continue with the stream whose turn it was.
-        dataset = RankStreams(spec, self.positions, rotation=self.batches % spec.streams_per_rank)
+        # Rotating the workers makes the resumed round-robin continue with the worker whose turn it was.
+        batches = sum(p.batches for p in self.positions.values())
+        dataset = RankStreams(spec, self.positions, rotation=batches % spec.streams_per_rank)
         if spec.num_workers == 0:
             return iter(dataset)
         loader = DataLoader(
@@ -585,8 +623,7 @@ class TrainLoader:
                 "that --data points at ingest output with images and captions, and the S3 credentials"
             ) from None
         self.wait_seconds += time.perf_counter() - started
-        self.positions[state["stream"]] = StreamPosition(**state["position"])
-        self.batches += 1
+        self.positions[int(state["stream"])] = StreamPosition(**state["position"])
         self.samples_seen += self.spec.local_batch_size * self.spec.world_size
         if not self.with_keys:
             return images, texts
@@ -612,5 +649,28 @@ def gather_positions(loader: TrainLoader) -> dict[str, Any]:
     every_rank: list[dict | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(every_rank, position)
     for other in every_rank:
-        position["ranks"].update(other["ranks"])
+        position["streams"].update(other["streams"])
     return position
+
+
+def _upgraded(position: dict) -> dict:
+    """A position in the current format. Format 1 keyed streams by rank, with rank r's local stream i being
+    global stream r * streams_per_rank + i, laid out for its world size."""
+    if position.get("format") == POSITION_FORMAT:
+        return position
+    if position.get("format") != 1:
+        raise ValueError(f"data position has format {position.get('format')}, expected {POSITION_FORMAT}")
+    per_rank = max(1, int(position["num_workers"]))
+    streams = {
+        str(int(rank) * per_rank + i): stream
+        for rank, rank_streams in position.get("ranks", {}).items()
+        for i, stream in enumerate(rank_streams)
+    }
+    kept = ("local_batch_size", "seed", "shuffle_buffer", "num_samples", "num_shards", "samples_seen")
+    return {
+        "format": POSITION_FORMAT,
+        "num_streams": int(position["world_size"]) * per_rank,
+        **{k: position[k] for k in kept},
+        "world_size": position["world_size"],
+        "streams": streams,
+    }

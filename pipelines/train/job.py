@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 import clip_core
 from clip_core.training import WarmupCosineSchedule, accumulated_train_step, create_optimizer
-from pipelines import storage
+from pipelines import failpoints, storage
 from pipelines.config import without_credentials
 from pipelines.entrypoint import JobError
 from pipelines.formats.checkpoints import Checkpoint, latest, list_complete, open_checkpoint
@@ -74,9 +74,7 @@ def run(cfg: TrainConfig) -> TrainSummary:
             train_loop_per_worker,
             train_loop_config=worker_config,
             torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=_worker_resources(cfg)
-            ),
+            scaling_config=scaling_config(cfg),
             run_config=ray.train.RunConfig(
                 # A fresh name per driver: Ray's own run state is per attempt; ours lives in checkpoints/.
                 name=f"train-{run.info.run_id[:8]}-{int(started)}",
@@ -134,6 +132,21 @@ def loop_config(
         "mlflow_experiment_id": experiment_id,
         "mlflow_tracking_uri": without_credentials(tracking_uri or mlflow.get_tracking_uri()),
     }
+
+
+def scaling_config(cfg: TrainConfig):
+    """Ray Train's scaling: `workers` workers, or elastic between min_workers and workers. Elastic, a lost
+    worker's group restarts with as many workers as the cluster has room for (at least min_workers) from the
+    newest checkpoint, and a running group is restarted larger when room appears, checked every
+    resize_check_s."""
+    import ray.train
+
+    return ray.train.ScalingConfig(
+        num_workers=(cfg.min_workers, cfg.workers) if cfg.elastic else cfg.workers,
+        use_gpu=cfg.use_gpu,
+        resources_per_worker=_worker_resources(cfg),
+        elastic_resize_monitor_interval_s=cfg.resize_check_s,
+    )
 
 
 def _worker_resources(cfg: TrainConfig) -> dict[str, float]:
@@ -195,10 +208,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
         step, samples_seen = state["step"], state["samples_seen"]
-        # Every rank's stream positions; the loader restarts the epoch if the split has changed.
+        # Every stream's position; streams are laid out for `workers` ranks whatever the world size now, so
+        # each continues where it stopped (pipelines.train.data, "Elastic").
         position = state["data_position"]
         if rank == 0:
-            print(f"resuming from {start.uri} at step {step}", flush=True)
+            print(f"resuming from {start.uri} at step {step} with {world_size} workers", flush=True)
 
     raw_model = model
     if cfg.compile:
@@ -225,10 +239,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "global_batch_size": cfg.batch_size,
     }
 
+    # The micro-batch is fixed; fewer workers accumulate more of them, so a step is batch_size at any size.
+    accum_steps = cfg.accum_steps_at(world_size)
     meter = TrainMeter(cfg, step, samples_seen)
     while meter.step < cfg.steps:
         micro_batches = []
-        for _ in range(cfg.accum_steps):
+        for _ in range(accum_steps):
             with meter.waiting_for_data():
                 images, texts = next(batches)
             micro_batches.append((images.to(device, non_blocking=True), texts.to(device, non_blocking=True)))
@@ -274,7 +290,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 checkpoint_start = time.perf_counter()
                 checkpoint_loss = _mean_over_workers([meter.end_checkpoint_interval()], device)[0]
                 data_position = gather_positions(loader)
-                corrupt = sum(p["corrupt"] for streams in data_position["ranks"].values() for p in streams)
+                corrupt = sum(p["corrupt"] for p in data_position["streams"].values())
                 metrics = {"loss": checkpoint_loss, "corrupt_samples": corrupt}
                 if rank == 0:
                     saved = checkpoints.save(
@@ -310,6 +326,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 # Ray would upload a second copy of every checkpoint to its storage_path for nothing.
                 # The report still gives Ray's dashboard the step and loss, and keeps the workers in step.
                 ray.train.report({"step": meter.step, **metrics})
+                if rank > 0:
+                    # The checkpoint is complete (the report waits for every rank). A test pauses a worker
+                    # other than the writer here, to take its node away at a known step.
+                    failpoints.reach("train.checkpoint_saved", meter.step)
 
     if rank == 0:
         mlflow.end_run()

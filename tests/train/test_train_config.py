@@ -62,6 +62,11 @@ def test_yaml_file_is_overridden_by_the_command_line(tmp_path):
         (["--set", "learning_rate=0.1"], "learning_rate is not a known field (misspelt?)"),
         (["--warmup", "1000"], "warmup 1000 is not below steps 1000"),
         (["--resume", "s3://clip-data/runs/b32/"], "resume points at the output folder itself"),
+        (["--min-workers", "5"], "min_workers 5 is above workers 4"),
+        (["--min-workers", "2"],
+         "every world size from min_workers 2 to workers 4 must split the step's 4 micro-batches of 128 "
+         "samples (workers x accum_steps) evenly, so that each step is still batch_size 512, and 3 cannot; set "
+         "accum_steps to a multiple of 3"),
     ],
 )  # fmt: skip
 def test_configs_that_cannot_run_fail_with_one_sentence(extra, expected):
@@ -70,6 +75,29 @@ def test_configs_that_cannot_run_fail_with_one_sentence(extra, expected):
     message = str(error.value)
     assert message.startswith("Invalid training config: ") and expected in message
     assert "\n" not in message
+
+
+def test_an_elastic_run_keeps_the_micro_batch_and_accumulates_more_with_fewer_workers():
+    import ray.train
+
+    from pipelines.train.job import scaling_config
+
+    cfg = TrainConfig.load(REQUIRED + ["--batch-size", "768", "--min-workers", "2", "--accum-steps", "3"])
+    assert cfg.elastic and list(cfg.world_sizes) == [2, 3, 4] and cfg.local_batch_size == 64
+    for world_size, accum in [(4, 3), (3, 4), (2, 6)]:
+        assert cfg.accum_steps_at(world_size) == accum
+        assert world_size * accum * cfg.local_batch_size == cfg.batch_size
+    with pytest.raises(ValueError, match="world size 1 is outside 2..4"):
+        cfg.accum_steps_at(1)
+    scaling = scaling_config(cfg)
+    assert isinstance(scaling, ray.train.ScalingConfig) and scaling.num_workers == (2, 4)
+    assert scaling.elasticity_enabled and scaling.elastic_resize_monitor_interval_s == 60.0
+    fixed = TrainConfig.load(REQUIRED)
+    assert not fixed.elastic and fixed.min_workers is None and scaling_config(fixed).num_workers == 4
+    assert fixed.accum_steps_at(4) == 1
+    # min_workers == workers is a fixed run; the node-replacing default retries without bound.
+    assert not TrainConfig.load(REQUIRED + ["--min-workers", "4"]).elastic
+    assert fixed.max_failures == -1
 
 
 def test_credentials_in_uris_are_refused_without_echoing_them():

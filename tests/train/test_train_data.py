@@ -310,18 +310,85 @@ def test_resume_from_position_yields_exactly_the_rest_of_the_uninterrupted_strea
         assert resumed.position() == first.position()
 
 
-def test_changed_world_size_restarts_the_epoch_in_progress_at_shard_level(shards_dir, caplog):
+def _merged(*positions: dict) -> dict:
+    """The positions of several ranks in one, as gather_positions makes it."""
+    merged = json.loads(json.dumps(positions[0]))
+    for other in positions[1:]:
+        merged["streams"].update(other["streams"])
+    return merged
+
+
+def _batches(rank_loader, count: int) -> list:
+    return [next(rank_loader) for _ in range(count)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2], ids=["in-process", "2-loader-workers"])
+def test_a_changed_world_size_continues_every_stream_where_it_stopped(shards_dir, caplog, num_workers):
+    """2 ranks -> 1 rank -> 2 ranks (an elastic run losing a node and getting it back) yield exactly what 2
+    ranks would have yielded all along: the same samples with the same crops, none repeated, none skipped."""
     shards = data.resolve_shards([shards_dir])
-    old = loader(shards, world_size=2, local_batch_size=8)
+    options = dict(max_world_size=2, num_workers=num_workers, shuffle_buffer=16, seed=3)
+    two = [loader(shards, rank=r, world_size=2, **options) for r in range(2)]
+    before = [_batches(rank_loader, 3) for rank_loader in two]
+    at_two = _merged(*(rank_loader.position() for rank_loader in two))
+    uninterrupted = [_batches(rank_loader, 8) for rank_loader in two]  # runs into epoch 1
+    at_end = _merged(*(rank_loader.position() for rank_loader in two))
+    for rank_loader in two:
+        rank_loader.close()
+
+    with caplog.at_level("WARNING"):
+        one = loader(shards, rank=0, world_size=1, position=at_two, **options)
+        shrunk = _batches(one, 8)  # half the steps' samples at 1 rank...
+        at_one = one.position()
+        one.close()
+        regrown = [loader(shards, rank=r, world_size=2, position=at_one, **options) for r in range(2)]
+        grown = [_batches(rank_loader, 4) for rank_loader in regrown]  # ...the other half at 2 again
+    assert "not resumable exactly" not in caplog.text
+    assert at_one["world_size"] == 1 and sorted(at_one["streams"]) == sorted(at_two["streams"])
+
+    def keyed(batches):
+        return {tuple(keys): (images, texts) for images, texts, keys in batches}
+
+    expected = keyed(uninterrupted[0] + uninterrupted[1])
+    got = keyed(shrunk + grown[0] + grown[1])
+    assert got.keys() == expected.keys()  # the same batches, so the same samples: none twice, none skipped
+    for keys, (images, texts) in got.items():
+        assert torch.equal(images, expected[keys][0]) and torch.equal(texts, expected[keys][1])
+    seen = Counter(key for batch in before + [shrunk] + grown for _, _, keys in batch for key in keys)
+    assert max(seen.values()) == 1
+    assert {key for epoch, key in seen if epoch == 0} == good_keys()
+    assert _merged(*(rank_loader.position() for rank_loader in regrown))["streams"] == at_end["streams"]
+    assert one.samples_seen == 3 * 4 * 2 + 8 * 4
+
+
+def test_a_changed_stream_layout_restarts_the_epoch_in_progress_at_shard_level(shards_dir, caplog):
+    shards = data.resolve_shards([shards_dir])
+    old = loader(shards, world_size=2, local_batch_size=8)  # laid out for 2 ranks: 2 streams
     for _ in range(5):  # 5 * 8 * 2 = 80 samples: epoch 1 of 60 is in progress
         next(old)
     position = old.position()
     with caplog.at_level("WARNING"):
-        resumed = loader(shards, world_size=1, local_batch_size=8, position=position)
-    assert "world_size changed" in caplog.text and "restarting epoch 1" in caplog.text
+        resumed = loader(shards, world_size=1, local_batch_size=8, position=position)  # 1 stream
+    assert "num_streams changed" in caplog.text and "restarting epoch 1" in caplog.text
     _, _, keys = next(resumed)
     assert {epoch for epoch, _ in keys} == {1}
     assert resumed.samples_seen == 80 + 8 and resumed.epoch == pytest.approx(88 / 60)
+
+
+def test_a_position_of_format_1_resumes_exactly(shards_dir, caplog):
+    shards = data.resolve_shards([shards_dir])
+    options = dict(rank=1, world_size=2, num_workers=2, shuffle_buffer=16, seed=7)
+    with loader(shards, **options) as first:
+        _batches(first, 5)
+        now = first.position()
+        rest = _batches(first, 4)
+    # What the format-1 loader saved: streams by rank, local index i being global stream rank * 2 + i.
+    old = {k: now[k] for k in ("local_batch_size", "seed", "shuffle_buffer", "num_samples", "num_shards")}
+    old |= {"format": 1, "world_size": 2, "num_workers": 2, "batches": 5, "samples_seen": now["samples_seen"]}
+    old["ranks"] = {"1": [now["streams"]["2"], now["streams"]["3"]]}
+    with caplog.at_level("WARNING"), loader(shards, position=old, **options) as resumed:
+        assert [keys for _, _, keys in _batches(resumed, 4)] == [keys for _, _, keys in rest]
+    assert "not resumable exactly" not in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -386,10 +453,12 @@ def test_gather_positions_collects_every_rank_so_each_resumes_exactly(shards_dir
         assert process.exitcode == 0
     results = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
     gathered = results[0]["gathered"]
-    assert results[1]["gathered"]["ranks"] == gathered["ranks"]
+    assert results[1]["gathered"]["streams"] == gathered["streams"]
+    assert sorted(gathered["streams"]) == ["0", "1"]
     for rank in range(2):
-        assert gathered["ranks"][str(rank)] == results[rank]["own"]["ranks"][str(rank)]
+        own = results[rank]["own"]["streams"]
+        assert list(own) == [str(rank)] and gathered["streams"][str(rank)] == own[str(rank)]
         with caplog.at_level("WARNING"):
             resumed = loader(shards, rank=rank, world_size=2, position=gathered)
-        assert resumed.position()["ranks"] == results[rank]["own"]["ranks"]
+        assert resumed.position()["streams"] == own
     assert "not resumable exactly" not in caplog.text

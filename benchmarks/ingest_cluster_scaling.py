@@ -113,7 +113,9 @@ def main() -> None:
             storage.write_bytes(input_uri, buffer.getvalue())
             with CountingProxy(env["AWS_ENDPOINT_URL"]) as proxy:
                 for nodes in args.nodes:
-                    result = run_on_nodes(nodes, input_uri, storage.join(prefix, f"out-{nodes}"), s3_env, proxy)
+                    result = run_on_nodes(
+                        nodes, input_uri, storage.join(prefix, f"out-{nodes}"), s3_env, proxy
+                    )
                     print(json.dumps(result), flush=True)
                     results.append(result)
         finally:
@@ -133,7 +135,9 @@ def main() -> None:
             f"{per_node:.2f} | {r['sent_over_output']:.3f}x |"
         )
     if args.json:
-        args.json.write_text(json.dumps({"date": str(date.today()), "cpus": os.cpu_count(), "runs": results}, indent=2))
+        args.json.write_text(
+            json.dumps({"date": str(date.today()), "cpus": os.cpu_count(), "runs": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -399,7 +399,8 @@ def run(cfg: IngestConfig) -> IngestSummary:
     checked = output.check(cfg)
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
-    output.check_shared(cfg, len([n for n in ray.nodes() if n["Alive"]]))
+    if not storage.is_s3(cfg.output):  # only a local output depends on how many nodes there are
+        output.check_shared(cfg, len([n for n in ray.nodes() if n["Alive"]]))
     output.prepare(cfg, checked)
     storage.write_bytes(storage.join(cfg.output, "config.yaml"), cfg.to_yaml().encode())
     # None: as many shard tasks at once as the cluster has CPUs at each moment, nodes joining included.

@@ -45,14 +45,14 @@ _SAMPLE_SHARD = shards.parquet_name(0)
 VERSION_THREADS = 16
 
 
-def check(cfg: IngestConfig) -> dict[str, Any]:
+def check(cfg: IngestConfig) -> tuple[dict[str, Any], bool]:
     """Refuse, with one sentence (a ConfigError), an output this run may not use; reads, never writes.
-    Returns this run's fingerprint."""
+    Returns this run's fingerprint and whether the output has it recorded already."""
     check_location(cfg)
     current = fingerprint(cfg)
     if cfg.incremental_mode == "overwrite":
         _check_replaceable(cfg.output)
-        return current
+        return current, False
     fingerprint_uri = storage.join(cfg.output, FINGERPRINT_NAME)
     if storage.exists(fingerprint_uri):
         recorded = json.loads(storage.read_bytes(fingerprint_uri))
@@ -62,24 +62,25 @@ def check(cfg: IngestConfig) -> dict[str, Any]:
                 f"output {cfg.output} holds another run's shards ({'; '.join(changes)}): write to a new "
                 "output, or pass --incremental-mode overwrite to replace it"
             )
-    elif _holds_shards(cfg.output):
+        return current, True
+    if _holds_shards(cfg.output):
         raise ConfigError(
             f"output {cfg.output} holds shards but no {FINGERPRINT_NAME}, so what made them is unknown: "
             "write to a new output, or pass --incremental-mode overwrite to replace it"
         )
-    return current
+    return current, False
 
 
-def prepare(cfg: IngestConfig, checked: dict[str, Any] | None = None) -> None:
+def prepare(cfg: IngestConfig, checked: tuple[dict[str, Any], bool] | None = None) -> None:
     """Make cfg.output ready for this run: a fresh output for overwrite, else the leftovers of killed writes
     removed; the fingerprint written if there is none. `checked`: what check() returned, if it ran already."""
-    current = checked if checked is not None else check(cfg)
+    current, recorded = checked if checked is not None else check(cfg)
     fingerprint_uri = storage.join(cfg.output, FINGERPRINT_NAME)
     if cfg.incremental_mode == "overwrite":
         storage.delete(cfg.output, recursive=True)
     else:
         storage.remove_unfinished_writes(cfg.output)
-        if storage.exists(fingerprint_uri):
+        if recorded:
             return
     storage.write_bytes(fingerprint_uri, json.dumps(current, indent=1, sort_keys=True).encode())
 

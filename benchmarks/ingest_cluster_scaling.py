@@ -14,7 +14,6 @@ efficiency then says where the cores run out, not what separate machines would g
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import re
@@ -25,10 +24,8 @@ import uuid
 from datetime import date
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ingest_memory import write_url_list  # noqa: E402
 from ingest_vs_img2dataset import REPO, generate_images, start_nginx  # noqa: E402
 
 sys.path.insert(0, str(REPO))
@@ -56,11 +53,9 @@ def run_on_nodes(nodes: int, input_uri: str, output: str, s3_env: dict, proxy: C
         proxy.reset()
         started = time.time()
         job_id = client.submit_job(entrypoint=" ".join(["python", "-m", "pipelines.ingest", *args]))
-        while not (status := client.get_job_status(job_id)).is_terminal():
-            time.sleep(0.5)
+        status, logs = cluster.wait_for_job(job_id)
         seconds = time.time() - started
         traffic = proxy.reset()
-        logs = client.get_job_logs(job_id)
         if status != JobStatus.SUCCEEDED:
             raise SystemExit(f"the ingest on {nodes} nodes failed:\n{logs[-4000:]}")
     stage = STAGE_LINE.search(logs)
@@ -101,16 +96,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cluster-bench-") as tmp:
         nginx, port = start_nginx(args.cache, Path(tmp) / "nginx")
         try:
-            table = pa.table(
-                {
-                    "url": [f"http://127.0.0.1:{port}/{n}" for n in names],
-                    "caption": [f"photo number {i}" for i in range(len(names))],
-                }
-            )
-            buffer = io.BytesIO()
-            pq.write_table(table, buffer)
+            url_list = write_url_list(Path(tmp) / "urls.parquet", len(names), names, port, "photo number")
             input_uri = storage.join(prefix, "urls.parquet")
-            storage.write_bytes(input_uri, buffer.getvalue())
+            storage.write_bytes(input_uri, url_list.read_bytes())
             with CountingProxy(env["AWS_ENDPOINT_URL"]) as proxy:
                 for nodes in args.nodes:
                     result = run_on_nodes(

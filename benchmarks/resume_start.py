@@ -19,12 +19,10 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
@@ -39,91 +37,15 @@ INPUT_ROW_GROUP = 4 * SAMPLES_PER_SHARD
 PUT_THREADS = 32
 
 
-# ---------------------------------------------------------------------------------------------------------
-# A loopback proxy that counts HTTP requests
+def counting_proxy(upstream: str):
+    """tests/s3_traffic.py's CountingProxy of this checkout, loaded by path: the measured code version (first
+    on PYTHONPATH) may be an older commit's, whose tests/ has no such module."""
+    import importlib.util
 
-
-class CountingProxy:
-    """Forwards TCP connections to `target` and counts the HTTP requests the client side sends, by method,
-    parsing each request's head and skipping its body (Content-Length or chunked)."""
-
-    def __init__(self, target: tuple[str, int]):
-        self.target = target
-        self.counts: Counter = Counter()
-        self._lock = threading.Lock()
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            client, _ = self._server.accept()
-            upstream = socket.create_connection(self.target)
-            threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._copy, args=(upstream, client), daemon=True).start()
-
-    @staticmethod
-    def _copy(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def _requests(self, client: socket.socket, upstream: socket.socket) -> None:
-        buffer = b""
-
-        def fill() -> bool:
-            nonlocal buffer
-            data = client.recv(1 << 16)
-            buffer += data
-            return bool(data)
-
-        def forward(n: int) -> None:
-            nonlocal buffer
-            while len(buffer) < n:
-                if not fill():
-                    raise EOFError
-            upstream.sendall(buffer[:n])
-            buffer = buffer[n:]
-
-        try:
-            while True:
-                while b"\r\n\r\n" not in buffer:
-                    if not fill():
-                        return
-                head_len = buffer.index(b"\r\n\r\n") + 4
-                head = buffer[:head_len].decode("latin-1")
-                forward(head_len)
-                method, target = head.split(" ", 2)[:2]
-                kind = method
-                if method == "GET" and ("list-type=" in target or "uploads" in target):
-                    kind = "LIST"
-                with self._lock:
-                    self.counts[kind] += 1
-                headers = {
-                    k.strip().lower(): v.strip()
-                    for k, _, v in (line.partition(":") for line in head.split("\r\n")[1:])
-                }
-                if "chunked" in headers.get("transfer-encoding", ""):
-                    while True:
-                        while b"\r\n" not in buffer:
-                            if not fill():
-                                return
-                        size = int(buffer[: buffer.index(b"\r\n")].split(b";")[0], 16)
-                        forward(buffer.index(b"\r\n") + 2 + size + 2)
-                        if size == 0:
-                            break
-                else:
-                    forward(int(headers.get("content-length", "0") or 0))
-        except (OSError, EOFError):
-            pass
-        finally:
-            self._copy(client, upstream)
+    spec = importlib.util.spec_from_file_location("s3_traffic", REPO / "tests" / "s3_traffic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.CountingProxy(upstream).__enter__()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -134,10 +56,8 @@ def measure(input_uri: str, output_uri: str, proxy: bool) -> dict:
     """Run job.run up to plan.done and return its seconds, requests and plan line."""
     counting = None
     if proxy:
-        endpoint = os.environ["AWS_ENDPOINT_URL"].removeprefix("http://")
-        host, port = endpoint.split(":")
-        counting = CountingProxy((host, int(port)))
-        os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{counting.port}"
+        counting = counting_proxy(os.environ["AWS_ENDPOINT_URL"])
+        os.environ["AWS_ENDPOINT_URL"] = counting.endpoint
         os.environ.pop("AWS_ENDPOINT_URL_S3", None)
     import ray
 
@@ -146,7 +66,7 @@ def measure(input_uri: str, output_uri: str, proxy: bool) -> dict:
     from pipelines.ingest.config import IngestConfig
 
     class PlanDone(Exception):
-        pass
+        """Raised at plan.done: the measured part of job.run is over."""
 
     def reach(point: str, shard_id: int | None = None) -> None:
         if point == "plan.done":
@@ -185,8 +105,8 @@ def measure(input_uri: str, output_uri: str, proxy: bool) -> dict:
     plan = next(line for line in lines if "plan done" in line)
     return {
         "seconds": round(seconds, 2),
-        "requests": sum(counting.counts.values()) if counting else None,
-        "requests_by_method": dict(counting.counts) if counting else None,
+        "requests": sum(counting.traffic.requests.values()) if counting else None,
+        "requests_by_method": dict(counting.traffic.requests) if counting else None,
         "boto3_calls": dict(calls),
         "plan": plan.split(": ", 1)[-1],
     }

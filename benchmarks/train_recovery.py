@@ -34,7 +34,6 @@ from pipelines import failpoints, storage  # noqa: E402
 from pipelines.formats.checkpoints import list_complete  # noqa: E402
 from tests.train.test_train_job import write_scene_shards  # noqa: E402
 
-TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # How long Ray Train waits for a worker group to start before it decides again (default 60 s).
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
@@ -71,20 +70,12 @@ def run_once(env: dict[str, str], data_uri: str, spare: bool, args) -> dict:
         node = cluster.node_of_pid(paused["pid"])
         killed_at = time.time()
         cluster.kill_node(node)
-        deadline = time.monotonic() + 600
-        while str(client.get_job_status(job_id).value) not in TERMINAL:
-            if time.monotonic() > deadline:
-                client.stop_job(job_id)
-                raise TimeoutError(client.get_job_logs(job_id)[-3000:])
-            time.sleep(1.0)
-        status = str(client.get_job_status(job_id).value)
+        status, logs = cluster.wait_for_job(job_id, timeout_s=600)
         out = REPO / "benchmarks" / "out"
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"train_recovery_{'spare' if spare else 'no_spare'}.log").write_text(
-            client.get_job_logs(job_id)
-        )
-        if status != "SUCCEEDED":
-            raise RuntimeError(f"the job {status}:\n{client.get_job_logs(job_id)[-5000:]}")
+        (out / f"train_recovery_{'spare' if spare else 'no_spare'}.log").write_text(logs)
+        if status.value != "SUCCEEDED":
+            raise RuntimeError(f"the job {status.value}:\n{logs[-5000:]}")
     checkpoints = list_complete(storage.join(output, "checkpoints"))
     # When the restarted group's rank 0 entered the training loop (its workers/rank_0.json).
     restarted = json.loads(storage.read_bytes(storage.join(output, "workers", "rank_0.json")))["started_at"]

@@ -23,6 +23,7 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 
 ENV = "CLIP_RAY_KILL_AT"
 RECORD_ENV = "CLIP_RAY_KILL_RECORD"
@@ -97,5 +98,4 @@ def wait_reached(folder: str | os.PathLike, point: str, shard_id: int | None = N
 
 def release(folder: str | os.PathLike, point: str, shard_id: int | None = None) -> None:
     """For tests: let a paused point go on."""
-    with open(os.path.join(folder, pause_name(point, shard_id) + ".release"), "w"):
-        pass
+    Path(folder, pause_name(point, shard_id) + ".release").touch()

@@ -1,5 +1,5 @@
 """A loopback HTTP proxy in front of the S3 store that counts what clients send it: requests by method, and
-the payload bytes of their bodies (what a PUT or an upload part stores), so a test or benchmark measures the
+the payload bytes of their bodies (what a PUT or an upload part stores; listings count as LIST), so a test or benchmark measures the
 bytes a job writes to the store from the outside, whatever process sends them. Point AWS_ENDPOINT_URL at
 `proxy.endpoint`; requests pass through unchanged (SigV4 signs the Host header, which stays the proxy's own
 and reaches the store as sent)."""
@@ -7,12 +7,11 @@ and reaches the store as sent)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
-
-HEAD_LIMIT = 64 * 1024
 
 
 @dataclass
@@ -71,34 +70,39 @@ class CountingProxy:
             client_writer.close()
             return
         back = asyncio.ensure_future(self._pipe(up_reader, client_writer))
+        # A connection ends when either side closes it, whatever it was doing then.
+        closed = (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError)
         try:
-            while True:
-                head = await client_reader.readuntil(b"\r\n\r\n")
-                if len(head) > HEAD_LIMIT:
-                    break
-                lines = head.decode("latin-1").split("\r\n")
-                method = lines[0].split(" ", 1)[0]
-                headers = {}
-                for line in lines[1:]:
-                    name, _, value = line.partition(":")
-                    headers[name.strip().lower()] = value.strip()
-                up_writer.write(head)
-                if headers.get("transfer-encoding", "").lower() == "chunked":
-                    payload = await self._forward_chunked(client_reader, up_writer)
-                else:
-                    length = int(headers.get("content-length", "0"))
-                    await self._forward(client_reader, up_writer, length)
-                    payload = length
-                # aws-chunked bodies carry signatures and trailers around the data; this header says the data.
-                decoded = headers.get("x-amz-decoded-content-length")
-                self._count(method, int(decoded) if decoded is not None else payload)
-                await up_writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass
+            with contextlib.suppress(*closed):
+                await self._requests(client_reader, up_writer)
         finally:
             up_writer.close()
             back.cancel()
             client_writer.close()
+
+    async def _requests(self, client_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> None:
+        """Forward the client's requests one after another, counting each."""
+        while True:
+            head = await client_reader.readuntil(b"\r\n\r\n")  # at most the reader's 64 KiB limit
+            lines = head.decode("latin-1").split("\r\n")
+            method, target = lines[0].split(" ", 2)[:2]
+            if method == "GET" and ("list-type=" in target or "uploads" in target):
+                method = "LIST"
+            headers = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            up_writer.write(head)
+            if headers.get("transfer-encoding", "").lower() == "chunked":
+                payload = await self._forward_chunked(client_reader, up_writer)
+            else:
+                length = int(headers.get("content-length", "0"))
+                await self._forward(client_reader, up_writer, length)
+                payload = length
+            # aws-chunked bodies carry signatures and trailers around the data; this header says the data.
+            decoded = headers.get("x-amz-decoded-content-length")
+            self._count(method, int(decoded) if decoded is not None else payload)
+            await up_writer.drain()
 
     @staticmethod
     async def _forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, length: int) -> None:
@@ -128,10 +132,9 @@ class CountingProxy:
     @staticmethod
     async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while data := await reader.read(1 << 16):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                while data := await reader.read(1 << 16):
+                    writer.write(data)
+                    await writer.drain()
         finally:
             writer.close()

@@ -246,6 +246,20 @@ class MultiNodeCluster:
 
         return JobSubmissionClient(self.dashboard_url)
 
+    def wait_for_job(self, job_id: str, timeout_s: float = 600):
+        """Until a submitted job ends: its final JobStatus and its logs. A job still running after timeout_s
+        is stopped and TimeoutError raised with its log's tail."""
+        client = self.job_client()
+        deadline = time.monotonic() + timeout_s
+        while not (status := client.get_job_status(job_id)).is_terminal():
+            if time.monotonic() > deadline:
+                client.stop_job(job_id)
+                raise TimeoutError(
+                    f"job {job_id} still running after {timeout_s:.0f} s:\n{client.get_job_logs(job_id)[-5000:]}"
+                )
+            time.sleep(1.0)
+        return status, client.get_job_logs(job_id)
+
     def stop(self) -> None:
         for node in reversed(self.nodes):
             if node.alive:

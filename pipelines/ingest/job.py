@@ -173,19 +173,19 @@ SHARD_TASK_RETRIES = 20
 # Staged rows record which keys the tar holds (their status may change later: CLIP score, content dedup).
 IN_TAR = "in_tar"
 
-_stagers: dict[str, ShardStager] = {}
+_process_stager: tuple[str, ShardStager] | None = None  # (config, stager) of this worker process
 
 
 def _stager(cfg: IngestConfig) -> ShardStager:
     """The worker process's stager for this config: Ray reuses a worker process for many shard tasks, and the
     downloader's connections and event loop carry over between them."""
+    global _process_stager
     key = cfg.to_yaml()
-    if key not in _stagers:
-        for old in _stagers.values():
-            old.close()
-        _stagers.clear()
-        _stagers[key] = ShardStager(cfg)
-    return _stagers[key]
+    if _process_stager is None or _process_stager[0] != key:
+        if _process_stager is not None:
+            _process_stager[1].close()
+        _process_stager = (key, ShardStager(cfg))
+    return _process_stager[1]
 
 
 def stage_shard(item: dict, cfg: IngestConfig, specs: dict[int, reader.ShardSpec]) -> dict:
@@ -211,17 +211,16 @@ def stage_shard(item: dict, cfg: IngestConfig, specs: dict[int, reader.ShardSpec
     }
 
 
-def tar_images(output_uri: str, shard_id: int) -> dict[str, tuple[bytes, str]]:
-    """key -> (image bytes, extension) of the samples in a shard's tar."""
-    images = {}
+def tar_images(output_uri: str, shard_id: int) -> dict[str, bytes]:
+    """key -> image bytes of the samples in a shard's tar."""
     with (
         storage.open_read(shards.tar_uri(output_uri, shard_id)) as stream,
         tarfile.open(fileobj=stream, mode="r|") as tar,
     ):
-        for key, members in shards.tar_samples(tar, keep=shards.SHARD_IMAGE_EXTS):
-            ext = next(ext for ext in shards.SHARD_IMAGE_EXTS if ext in members)
-            images[key] = (members[ext], ext)
-    return images
+        return {
+            key: shards.sample_image(members)
+            for key, members in shards.tar_samples(tar, keep=shards.SHARD_IMAGE_EXTS)
+        }
 
 
 class ScoreShards:
@@ -240,9 +239,7 @@ class ScoreShards:
             metadata = table.schema.metadata
             images = tar_images(self.cfg.output, item["shard_id"])
             keys = table["key"].to_pylist()
-            with_images = table.append_column(
-                "image", pa.array([images.get(k, (None,))[0] for k in keys], pa.binary())
-            )
+            with_images = table.append_column("image", pa.array([images.get(k) for k in keys], pa.binary()))
             carried = [table.schema.field(name) for name in writer.carried_names(table.column_names)]
             schema = writer.staged_schema([f for f in carried if f.name != IN_TAR], scored=True)
             schema = schema.append(pa.field(IN_TAR, pa.bool_()))

@@ -36,19 +36,6 @@ def _submit(cluster, args: list[str], env_vars: dict[str, str] | None = None) ->
     )
 
 
-def _wait(cluster, job_id: str, timeout_s: float = 600) -> tuple[JobStatus, str]:
-    client = cluster.job_client()
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = client.get_job_status(job_id)
-        if status.is_terminal():
-            return status, client.get_job_logs(job_id)
-        time.sleep(1.0)
-    raise TimeoutError(
-        f"job {job_id} still running after {timeout_s:.0f} s:\n{client.get_job_logs(job_id)[-3000:]}"
-    )
-
-
 def _staging_nodes(cluster) -> set[str]:
     """The nodes on which a shard's staging task has finished so far."""
     return {t["node_id"] for t in cluster.state("tasks", state="FINISHED") if "stage_shard" in t["name"]}
@@ -91,7 +78,7 @@ def test_nodes_joining_take_shards_and_a_lost_node_costs_only_its_shard(
     first = cluster.add_node(num_cpus=1)
 
     # On more than one node a local output would be spread over the nodes' disks: refused, nothing written.
-    status, logs = _wait(cluster, _submit(cluster, _args(input_uri, str(tmp_path / "local-out"))))
+    status, logs = cluster.wait_for_job(_submit(cluster, _args(input_uri, str(tmp_path / "local-out"))))
     assert status == JobStatus.FAILED
     assert "is a local path but the Ray cluster has 2 nodes" in logs and "s3://" in logs
     assert not (tmp_path / "local-out").exists()
@@ -118,7 +105,7 @@ def test_nodes_joining_take_shards_and_a_lost_node_costs_only_its_shard(
     before_kill = _staging_nodes(cluster)
     assert others & before_kill & {n.node_id for n in joined}, before_kill
     cluster.kill_node(lost)
-    status, logs = _wait(cluster, job_id)
+    status, logs = cluster.wait_for_job(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-5000:]
     # The lost node's in-flight shard ran again on another node; every shard was staged somewhere.
     assert lost.node_id not in _staging_nodes(cluster) - before_kill
